@@ -1,0 +1,1 @@
+"""Subject data: the VHAP/GaussianAvatars reader, the synthetic generator, splits."""

@@ -1,0 +1,1 @@
+"""gem_jax.teacher"""

@@ -1,0 +1,123 @@
+"""``python -m gem_jax.train`` — the pipeline's entry point (DESIGN §1).
+
+    python -m gem_jax.train --config configs/quickstart.py --workdir runs/q --stage data
+    python -m gem_jax.train --config configs/quickstart.py --workdir runs/q --stage all \\
+        --config.synthetic.frames_per_sequence=8
+
+Flags only: each stage is a ``run(config, workdir)`` function that tests and notebooks call
+directly. ``--config.a.b=value`` overrides a config field; a mistyped key is an error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+# (stage name, "module:function") in pipeline order. The module is imported only when the
+# stage runs, so a stage that is not built yet never breaks the ones that are.
+STAGES: list[tuple[str, str | None]] = [
+    ("data", "gem_jax.data.prepare:run"),
+    ("teacher", None),
+    ("collect", None),
+    ("pca", None),
+    ("refine", None),
+    ("regress", None),
+    ("eval", None),
+]
+STAGE_NAMES = [name for name, _ in STAGES]
+
+
+class StageNotImplemented(RuntimeError):
+    """Raised for a stage of DESIGN §1 that this version does not provide yet."""
+
+
+def stage_function(name: str):
+    """Return the ``run(config, workdir)`` function of stage ``name``."""
+    table = dict(STAGES)
+    if name not in table:
+        raise ValueError(f"unknown stage {name!r}; expected one of {STAGE_NAMES + ['all']}")
+    target = table[name]
+    if target is None:
+        raise StageNotImplemented(
+            f"stage {name!r} is not implemented yet in this version of gem_jax "
+            f"(built stages: {[n for n, t in STAGES if t is not None]}); see README 'Status'."
+        )
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def stage_done(workdir: Path, name: str) -> bool:
+    return (workdir / name / "DONE").exists()
+
+
+def mark_done(workdir: Path, name: str) -> None:
+    """Atomically record that a stage finished (its outputs are complete)."""
+    path = workdir / name / "DONE"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    os.replace(tmp, path)
+
+
+def run(config, workdir: str | os.PathLike, stage: str = "all", force: str | None = None) -> None:
+    """Run one stage, or with ``stage="all"`` every stage in order, skipping finished ones.
+
+    ``force`` names a stage to redo together with every stage after it.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = STAGE_NAMES if stage == "all" else [stage]
+    for name in names:
+        if name not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {name!r}; expected one of {STAGE_NAMES + ['all']}")
+    forced = set(STAGE_NAMES[STAGE_NAMES.index(force):]) if force else set()
+    if force and force not in STAGE_NAMES:
+        raise ValueError(f"--force: unknown stage {force!r}; expected one of {STAGE_NAMES}")
+    for name in names:
+        if stage == "all" and stage_done(workdir, name) and name not in forced:
+            print(f"[gem_jax] stage {name}: already done, skipping ({workdir / name / 'DONE'})")
+            continue
+        fn = stage_function(name)
+        print(f"[gem_jax] stage {name}: starting")
+        start = time.time()
+        fn(config, workdir, force=name in forced)
+        mark_done(workdir, name)
+        print(f"[gem_jax] stage {name}: done in {time.time() - start:.1f}s")
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: data, checkpoints, outputs.")
+_STAGE = flags.DEFINE_enum("stage", "all", STAGE_NAMES + ["all"], "Stage to run (DESIGN §1).")
+_FORCE = flags.DEFINE_enum("force", None, STAGE_NAMES, "Redo this stage and every stage after it.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one process per host).")
+
+
+def _main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    if _MULTIHOST.value:
+        import jax
+
+        jax.distributed.initialize()
+    try:
+        run(_CONFIG.value, _WORKDIR.value, _STAGE.value, _FORCE.value)
+    except StageNotImplemented as err:
+        print(f"[gem_jax] error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main() -> None:
+    app.run(lambda argv: sys.exit(_main(argv)))
+
+
+if __name__ == "__main__":
+    main()
