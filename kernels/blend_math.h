@@ -15,7 +15,6 @@
 // NaN parameters never contribute (every comparison above is written so NaN fails it).
 #pragma once
 
-#include <math.h>
 #include <stdint.h>
 
 #if defined(__CUDACC__)
@@ -81,20 +80,23 @@ GEM_HD float raw_alpha(float opacity, float sigma, float* vis) {
 // alpha = min(kAlphaMax, raw); NaN stays NaN (and is then skipped).
 GEM_HD float clamp_alpha(float raw) { return raw > kAlphaMax ? kAlphaMax : raw; }
 
-// Whether a Gaussian with this sigma and alpha takes part at all (before the stop test).
-GEM_HD bool alpha_passes(float sigma, float alpha) {
-  return (sigma >= 0.0f) & (alpha >= kAlphaMin);
+// Whether a Gaussian takes part at all (before the stop test): sigma >= 0 and alpha >= 1/255.
+// Tested on the unclamped o exp(-sigma), which is equivalent (0.99 > 1/255) and keeps the
+// compiler from turning the clamp into a branch.
+GEM_HD bool alpha_passes(float sigma, float raw) {
+  return (sigma >= 0.0f) & (raw >= kAlphaMin);
 }
 
-// Forward update of one pixel's state by one Gaussian. `live` says the pixel has not stopped
-// yet; returns whether the Gaussian contributed, and clears `live` when it is the stopping one.
-GEM_HD bool blend_forward_step(float alpha, bool passes, bool* live, float* T, float* weight) {
-  const float T_next = *T * (1.0f - alpha);
+// Forward test of one Gaussian at one pixel with transmittance T. `live` says the pixel has
+// not stopped yet. Returns whether the Gaussian contributes, with weight alpha T (else 0);
+// clears `live` when it is the stopping one. The caller then updates
+// T *= 1 - (contributes ? alpha : 0) (the same product as the stop test used).
+GEM_HD bool blend_forward_step(float alpha, bool passes, bool* live, float T, float* weight) {
+  const float T_next = T * (1.0f - alpha);
   const bool active = passes & *live;
   const bool stop = active & (T_next < kTransmittanceMin);
   const bool contributes = active & !stop;
-  *weight = contributes ? alpha * *T : 0.0f;
-  *T = contributes ? T_next : *T;
+  *weight = contributes ? alpha * T : 0.0f;
   *live = *live & !stop;
   return contributes;
 }
@@ -102,20 +104,25 @@ GEM_HD bool blend_forward_step(float alpha, bool passes, bool* live, float* T, f
 // Gradients of one contributing Gaussian at one pixel, walking back to front (3DGS/gsplat).
 // In: T = transmittance just after this Gaussian, S = (colour r,g,b, depth) accumulated from
 // the Gaussians behind it (weights times values), the pixel's output cotangents v_C, v_A, v_D,
-// its final transmittance T_final and the background. Out: this Gaussian's gradient terms
-// in `g` (kGradWidth floats, see GradSlot); T and S are moved to just before this Gaussian.
-GEM_HD void blend_backward_step(float dx, float dy, float a, float b, float c, float cr, float cg, float cb, float depth, float raw,
-                                float vis, float* T, float* S, const float* v_C, float v_A,
-                                float v_D, float T_final, const float* bg, float* g) {
+// its final transmittance T_final and the background. Out: this Gaussian's gradient terms in
+// `g` (kGradWidth floats, see GradSlot), its weight `w` = alpha T_before, and `T_scale` with
+// T_before = T * T_scale. The caller moves its state before this Gaussian with
+// T *= T_scale and S += w * (colour, depth).
+GEM_HD void blend_backward_step(float dx, float dy, float a, float b, float c, float cr,
+                                float cg, float cb, float depth, float raw, float vis, float T,
+                                const float* S, const float* v_C, float v_A, float v_D,
+                                float T_final, const float* bg, float* g, float* w,
+                                float* T_scale) {
   const float alpha = clamp_alpha(raw);
   const float one_minus = 1.0f - alpha;
   const float inv_one_minus = 1.0f / one_minus;
-  const float T_k = *T * inv_one_minus;
-  const float w = alpha * T_k;
-  g[kGradColorR] = w * v_C[0];
-  g[kGradColorG] = w * v_C[1];
-  g[kGradColorB] = w * v_C[2];
-  g[kGradDepth] = w * v_D;
+  const float T_k = T * inv_one_minus;
+  *T_scale = inv_one_minus;
+  *w = alpha * T_k;
+  g[kGradColorR] = *w * v_C[0];
+  g[kGradColorG] = *w * v_C[1];
+  g[kGradColorB] = *w * v_C[2];
+  g[kGradDepth] = *w * v_D;
   float v_alpha = v_C[0] * (T_k * cr - (S[0] + T_final * bg[0]) * inv_one_minus);
   v_alpha += v_C[1] * (T_k * cg - (S[1] + T_final * bg[1]) * inv_one_minus);
   v_alpha += v_C[2] * (T_k * cb - (S[2] + T_final * bg[2]) * inv_one_minus);
@@ -129,26 +136,29 @@ GEM_HD void blend_backward_step(float dx, float dy, float a, float b, float c, f
   g[kGradConicA] = 0.5f * dx * dx * v_sigma;
   g[kGradConicB] = dx * dy * v_sigma;
   g[kGradConicC] = 0.5f * dy * dy * v_sigma;
-  S[0] += w * cr;
-  S[1] += w * cg;
-  S[2] += w * cb;
-  S[3] += w * depth;
-  *T = T_k;
 }
 
-// Half-height of the band of rows where a Gaussian can pass the alpha test: outside
-// |dy| <= extent, o exp(-sigma) < 1/255 for every x (min over x of sigma at fixed dy is
-// 0.5 dy^2 (ac - b^2) / a). Returns a negative number when it passes nowhere and a huge one
-// when the conic is not positive definite (no bound). Slightly widened, so never too tight.
-GEM_HD float visible_dy_extent(float a, float b, float c, float opacity) {
+// An upper bound of ln(x) for finite x > 0, at most 0.31 above it and cheap (no libm call):
+// x = 2^e (1 + m) with m in [0, 1), and ln(1 + m) <= m.
+GEM_HD float log_upper_bound(float x) {
+#if defined(__CUDA_ARCH__)
+  const int32_t bits = __float_as_int(x);
+#else
+  const int32_t bits = __builtin_bit_cast(int32_t, x);
+#endif
+  const int32_t e = ((bits >> 23) & 0xff) - 127;
+  const float m = bits_to_float((bits & 0x007fffff) | 0x3f800000) - 1.0f;
+  return static_cast<float>(e) * 0.693147182f + m;
+}
+
+// Culling bound: a Gaussian can pass the alpha test only where sigma <= ln(255 o). Returns a
+// slightly loose upper bound of that threshold (never too tight), or a negative number when
+// the Gaussian passes nowhere (o < 1/255, or NaN).
+GEM_HD float visible_sigma_bound(float opacity) {
   const float ratio = opacity * 255.0f;
-  if (!(ratio >= 0.999f)) return -1.0f;  // alpha <= opacity < 1/255 (or NaN)
-  const float det = a * c - b * b;
-  if (!(a > 0.0f) || !(det > 0.0f)) return 3.0e38f;
-  const float log_ratio = logf(ratio);                   // sigma must stay below this
-  const float threshold = (log_ratio > 0.0f ? log_ratio : 0.0f) + 1e-3f;
-  const float extent = sqrtf(2.0f * threshold * a / det) * 1.001f + 0.01f;
-  return extent < 1.0e30f ? extent : 3.0e38f;
+  if (!(ratio >= 0.999f)) return -1.0f;
+  const float log_ratio = log_upper_bound(ratio);
+  return (log_ratio > 0.0f ? log_ratio : 0.0f) + 1e-3f;
 }
 
 }  // namespace gem

@@ -1,0 +1,147 @@
+"""Rasterizer timings: Gaussians × resolution → ms forward and forward+backward, per backend.
+
+    python benchmarks/bench_rasterize.py                       # defaults (~2 min on 2 cores)
+    python benchmarks/bench_rasterize.py --sizes 3000@128,16000@512,60000@512 \\
+        --backends reference,cpu --repeats 10 --out results.json
+
+The scene is a head-sized shell of Gaussians (an ellipsoid surface with some thickness, as a
+GEM avatar is) seen from the front so that it fills about 60 % of the image; Gaussian sizes
+follow the surface density (N Gaussians tile the shell), opacities are uniform in (0.1, 1).
+Each backend's ``rasterize`` is jitted with a fixed capacity (exact count + 10 %), timed as
+the median of ``--repeats`` runs after ``--warmup`` runs, each ended by ``block_until_ready``;
+forward+backward is ``jax.grad`` of an image loss w.r.t. all Gaussian parameters. Compile
+time (first call) is reported separately. Results go to a table on stdout and a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from gem_jax.render import available_backends, count_intersections, rasterize  # noqa: E402
+from gem_jax.types import Camera, Gaussians  # noqa: E402
+
+
+def head_scene(n: int, resolution: int, seed: int = 0) -> tuple[Gaussians, Camera, jax.Array]:
+    """n Gaussians on an ellipsoidal shell (semi-axes 0.09, 0.12, 0.1 m) seen from 0.6 m."""
+    rng = np.random.default_rng(seed)
+    axes = np.array([0.09, 0.12, 0.10])
+    d = rng.normal(size=(n, 3))
+    d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    means = d * axes * rng.uniform(0.97, 1.0, size=(n, 1))
+    area = 4 * np.pi * (np.prod(axes) ** (2 / 3))  # roughly the ellipsoid's surface
+    spacing = np.sqrt(area / n)
+    scales = spacing * np.exp(rng.normal(-0.7, 0.35, size=(n, 3)))
+    quats = rng.normal(size=(n, 4))
+    quats /= np.linalg.norm(quats, axis=-1, keepdims=True)
+    g = Gaussians(
+        means=jnp.asarray(means, jnp.float32), quats=jnp.asarray(quats, jnp.float32),
+        scales=jnp.asarray(scales, jnp.float32), opacities=jnp.asarray(rng.uniform(0.1, 1.0, n), jnp.float32),
+        colors=jnp.asarray(rng.uniform(0, 1, (n, 3)), jnp.float32),
+    )  # fmt: skip
+    viewmat = np.eye(4)
+    viewmat[2, 3] = 0.6  # the head's centre 0.6 m in front of the camera
+    f = resolution / (2 * np.tan(np.deg2rad(14)))  # ~28° field of view: the head fills ~60 %
+    K = np.array([[f, 0, resolution / 2], [0, f, resolution / 2], [0, 0, 1]])
+    cam = Camera(jnp.asarray(viewmat, jnp.float32), jnp.asarray(K, jnp.float32), resolution, resolution)
+    return g, cam, jnp.ones(3, jnp.float32)
+
+
+def timed(fn, args, warmup: int, repeats: int) -> tuple[float, float, float]:
+    """(compile+first-run seconds, median and minimum seconds of the timed runs)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times), min(times)
+
+
+def bench_one(n: int, resolution: int, backend: str, warmup: int, repeats: int, seed: int) -> dict:
+    g, cam, bg = head_scene(n, resolution, seed)
+    total = count_intersections(g, cam)
+    capacity = int(total * 1.1) + 256
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(resolution, resolution, 3)), jnp.float32)
+
+    def render(g):
+        return rasterize(g, cam, bg, backend=backend, capacity=capacity)
+
+    def loss(g):
+        out = render(g)
+        return jnp.sum(out.image * weights) + jnp.sum(out.alpha) + 0.1 * jnp.sum(out.depth)
+
+    forward = jax.jit(lambda g: render(g).image)
+    backward = jax.jit(jax.grad(loss))
+    out = render(g)
+    compile_f, t_f, min_f = timed(forward, (g,), warmup, repeats)
+    compile_b, t_b, min_b = timed(backward, (g,), warmup, repeats)
+    return {
+        "gaussians": n, "resolution": resolution, "backend": backend,
+        "ms_forward": 1e3 * t_f, "ms_forward_backward": 1e3 * t_b,
+        "ms_forward_min": 1e3 * min_f, "ms_forward_backward_min": 1e3 * min_b,
+        "s_compile_forward": compile_f, "s_compile_forward_backward": compile_b,
+        "intersections": total, "visible": int(out.stats["num_visible"]),
+        "coverage": float(jnp.mean(out.alpha > 0.5)),
+    }  # fmt: skip
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        n, _, res = item.partition("@")
+        try:
+            sizes.append((int(float(n)), int(res)))
+        except ValueError:
+            raise SystemExit(f"--sizes: expected items like 16000@512, got {item!r}") from None
+    return sizes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="3000@128,16000@512", help="comma list of GAUSSIANS@RESOLUTION")
+    parser.add_argument("--backends", default="", help="comma list (default: every available one but 'dense')")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench_rasterize.json", help="JSON output path")
+    args = parser.parse_args(argv)
+    backends = args.backends.split(",") if args.backends else [b for b in available_backends() if b != "dense"]
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or platform.machine()}), "
+          f"backends {backends}")  # fmt: skip
+    columns = [("Gaussians", 9), ("res", 5), ("backend", 9), ("fwd ms", 9), ("fwd+bwd ms", 11),
+               ("compile s", 10), ("isect", 8), ("cover", 6)]  # fmt: skip
+    header = " ".join(f"{name:>{width}}" for name, width in columns)
+    print(header + "\n" + "-" * len(header))
+    rows = []
+    for n, res in parse_sizes(args.sizes):
+        for backend in backends:
+            r = bench_one(n, res, backend, args.warmup, args.repeats, args.seed)
+            rows.append(r)
+            print(f"{n:>9} {res:>5} {backend:>9} {r['ms_forward']:>9.1f} {r['ms_forward_backward']:>11.1f} "
+                  f"{r['s_compile_forward'] + r['s_compile_forward_backward']:>10.1f} {r['intersections']:>8} "
+                  f"{r['coverage']:>6.2f}", flush=True)  # fmt: skip
+    meta = {"jax": jax.__version__, "platform": jax.default_backend(), "device": str(jax.devices()[0]),
+            "repeats": args.repeats, "warmup": args.warmup, "statistic": "median"}  # fmt: skip
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""The ``data`` stage: validate a real export, or write the embedded synthetic subject.
+
+    python -m gem_jax.train --config configs/quickstart.py --workdir runs/q --stage data
+
+* ``config.data.subject_dir`` set: load it with the reader (:func:`gem_jax.data.subject.load_subject`)
+  and print a summary; nothing is written.
+* otherwise: generate the synthetic subject (``config.synthetic``, ``config.seed``) into
+  ``<workdir>/data`` and the cross-identity ground truth (identity ``synthetic.cross_identity``
+  performing the held-out sequence, same cameras) into ``<workdir>/data_cross``.
+
+Each folder is written into a temporary sibling and renamed into place, so a folder that
+exists is complete. It carries ``synthetic_manifest.json`` (the generator settings); a folder
+whose manifest matches the config is kept (``force`` regenerates), one whose settings differ
+is regenerated, and a folder without a manifest (not ours) is an error rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+MANIFEST = "synthetic_manifest.json"
+GENERATOR_VERSION = 1
+
+
+def _manifest(config, identity: int, sequences: str) -> dict:
+    manifest = {"generator": "gem_jax.data.synthetic", "version": GENERATOR_VERSION, "seed": int(config.seed),
+                "identity": int(identity), "sequences": sequences, "synthetic": config.synthetic.to_dict()}
+    return json.loads(json.dumps(manifest))  # as it reads back (tuples → lists)
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _generate(folder: Path, manifest: dict, force: bool, write) -> tuple[bool, dict | None]:
+    """Write ``folder`` atomically with ``write(tmp_folder) -> summary`` unless it is up to date."""
+    if folder.exists():
+        current = _read_manifest(folder)
+        if current is None:
+            raise FileExistsError(f"{folder} exists but has no {MANIFEST}: not written by the synthetic generator; "
+                                  f"move it away or set --config.data.subject_dir={folder}")
+        if {k: v for k, v in current.items() if k != "summary"} == manifest and not force:
+            return False, current.get("summary")
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        summary = write(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "summary": summary}, indent=1))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True, summary
+
+
+def _describe(name: str, folder: Path, summary: dict | None, seconds: float | None) -> str:
+    if not summary:
+        return f"[data] {name}: {folder}"
+    frames = ", ".join(f"{k} {v}" for k, v in summary["frames"].items())
+    h, w = summary["image_size"]
+    took = f" in {seconds:.1f}s" if seconds is not None else " (up to date, kept)"
+    return (f"[data] {name}: {folder}{took}: identity {summary['identity']}, {summary['timesteps']} timesteps, "
+            f"images {frames} ({w}x{h}), head model {summary['vertices']} vertices / {summary['faces']} faces")
+
+
+def _summarise_subject(subject_dir: str) -> None:
+    from gem_jax.data.subject import load_subject
+
+    start = time.time()
+    subject = load_subject(subject_dir)
+    summary = getattr(subject, "summary", None)
+    text = summary() if callable(summary) else repr(subject)
+    print(f"[data] subject {subject_dir}: loaded in {time.time() - start:.1f}s: {text[:500]}")
+
+
+def run(config, workdir: str | os.PathLike, force: bool = False) -> None:
+    """The data stage (see module docstring)."""
+    if config.data.subject_dir:
+        _summarise_subject(config.data.subject_dir)
+        return
+    from gem_jax.data import synthetic
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    syn, seed = config.synthetic, int(config.seed)
+
+    def main_subject(tmp):
+        return synthetic.write_subject(tmp, synthetic.make_scene(syn, seed), int(syn.held_out_camera))
+
+    start = time.time()
+    wrote, summary = _generate(workdir / "data", _manifest(config, syn.identity, "all"), force, main_subject)
+    print(_describe("synthetic subject", workdir / "data", summary, time.time() - start if wrote else None))
+    cross = int(syn.cross_identity)
+    if cross >= 0 and cross != int(syn.identity):
+        start = time.time()
+        wrote, summary = _generate(
+            workdir / "data_cross", _manifest(config, cross, "held_out"), force,
+            lambda tmp: synthetic.write_cross_identity(tmp, syn, seed, cross))
+        print(_describe("cross-identity ground truth", workdir / "data_cross", summary,
+                        time.time() - start if wrote else None))
