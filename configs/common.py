@@ -94,4 +94,46 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval.num_renders = 8  # PNGs (prediction | ground truth) written per split
     t.eval.batch_size = 8
 
+    # collect: the trained teacher on every training timestep (DESIGN §1; gem_jax/teacher/collect.py).
+    c.collect = ml_collections.ConfigDict()
+    c.collect.batch_size = 8  # timesteps per teacher forward
+
+    # pca: per-modality PCA of the collected Gaussians (DESIGN §6; gem_jax/eigen/pca.py).
+    c.pca = ml_collections.ConfigDict()
+    c.pca.components = ml_collections.ConfigDict(
+        {"position": 50, "rotation": 40, "scale": 40, "opacity": 50})  # as the released GEM code
+    c.pca.method = "auto"  # "svd" | "gram" (eigh of the N×N Gram matrix) | "auto" (by shape)
+    c.pca.dtype = "float32"  # storage of the compact model file: float32 | float16
+
+    # fit: analysis-by-synthesis of coefficients for given images, U frozen (gem_jax/eigen/fit.py).
+    f = c.fit = ml_collections.ConfigDict()
+    f.steps = 300
+    f.batch_size = 8  # images per step
+    f.lr = 0.05  # Adam on k (σ units)
+    f.pose = False  # also optimise a per-timestep rigid correction of the head pose
+    f.prior = 1e-3  # weight of |k|² (keeps k near the training distribution)
+    f.l1 = 0.3  # the refinement's photometric loss (no perceptual term in fitting)
+    f.dssim = 1.0
+
+    # refine: photometric refinement of the bases U (DESIGN §6; gem_jax/eigen/refine.py).
+    r = c.refine = ml_collections.ConfigDict()
+    r.steps = 30_000
+    r.batch_size = 4
+    r.lr = 1e-4  # Adam on U (rows have unit norm: entries are ~1/sqrt(D))
+    r.end_lr_factor = 0.1  # cosine decay to lr · end_lr_factor
+    r.qr_every = 1000  # U ← Q of QR(Uᵀ), signs fixed by diag R
+    r.random_background = True
+    r.loss = ml_collections.ConfigDict({"l1": 0.3, "dssim": 1.0, "vgg": 0.03})
+    r.capacity_headroom = 2.0
+    r.log_every = 100
+    r.checkpoint_every = 1000
+    r.keep_checkpoints = 2
+    r.max_bad_steps = 20
+    r.eval = ml_collections.ConfigDict()
+    r.eval.max_images = 0  # per split; 0 = all
+    r.eval.train_images = 16  # training views evaluated too (PSNR before/after refinement)
+    r.eval.lpips = True
+    r.eval.num_renders = 6
+    r.eval.batch_size = 8
+
     return c

@@ -42,6 +42,19 @@ def get_config(arg: str | None = None):
     t.checkpoint_every = 100
     t.eval.max_images = 64  # per split, evenly spaced: all 48 held-out-camera images, 64 of 256 held-out-sequence
     t.eval.num_renders = 6
+    c.collect.batch_size = 8
+    f = c.fit
+    f.steps = 150
+    f.batch_size = 8
+    r = c.refine  # 64² UV: refine U photometrically for a few hundred steps
+    r.steps = 600
+    r.batch_size = 4
+    r.lr = 2e-4
+    r.qr_every = 200
+    r.loss.vgg = 0.0  # off for speed, as in the teacher
+    r.log_every = 10
+    r.checkpoint_every = 100
+    r.eval.max_images = 64
     if args.tiny:
         c.name = "quickstart_tiny"
         s.num_cameras = 4
@@ -66,5 +79,16 @@ def get_config(arg: str | None = None):
         t.eval.max_images = 4
         t.eval.lpips = False
         t.eval.num_renders = 2
+        c.pca.components.update({"position": 2, "rotation": 2, "scale": 2, "opacity": 2})  # N − 1 = 2
+        c.collect.batch_size = 4
+        f.steps = 3
+        f.batch_size = 4
+        r.steps = 3
+        r.qr_every = 2
+        r.log_every = 1
+        r.checkpoint_every = 1
+        r.eval.max_images = 4
+        r.eval.lpips = False
+        r.eval.num_renders = 2
     c.lock()
     return c

@@ -24,9 +24,9 @@ from ml_collections import config_flags
 STAGES: list[tuple[str, str | None]] = [
     ("data", "gem_jax.data.prepare:run"),
     ("teacher", "gem_jax.teacher.train:run"),
-    ("collect", None),
-    ("pca", None),
-    ("refine", None),
+    ("collect", "gem_jax.teacher.collect:run"),
+    ("pca", "gem_jax.eigen.pca_stage:run"),
+    ("refine", "gem_jax.eigen.refine:run"),
     ("regress", None),
     ("eval", None),
 ]

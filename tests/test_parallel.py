@@ -121,7 +121,10 @@ def test_sharded_teacher_step_equals_the_single_device_step(tiny_workdir):
     for path, a in jax.tree_util.tree_flatten_with_path(s4["params"])[0]:
         name = jax.tree_util.keystr(path)
         assert np.any(a != flat0[path]), f"{name} did not change"
-        np.testing.assert_allclose(a, flat1[path], rtol=1e-4, atol=1e-6, err_msg=name)
+        # Adam divides by sqrt(v): an element with a near-zero gradient moves by ~lr whatever
+        # its last bits, so compare the updates against the size of the largest update.
+        update1, update4 = flat1[path] - flat0[path], a - flat0[path]
+        np.testing.assert_allclose(update4, update1, rtol=1e-3, atol=5e-3 * np.abs(update1).max(), err_msg=name)
 
     # A step whose loss is not finite is rejected inside the step: the state stays as it was.
     step, state, _, consts, setup = single

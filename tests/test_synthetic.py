@@ -178,30 +178,16 @@ def test_vertices_project_onto_the_silhouette(workdir):
 
 
 def _reader_cameras(root):
-    """{(timestep, camera): (viewmat OpenCV w2c, K, h, w)} as the reader gives them.
+    """{(timestep, camera): (viewmat OpenCV w2c, K, h, w)} as the reader gives them."""
+    from gem_jax.data.subject import load_subject
 
-    Falls back to the conversion documented in docs/data_format.md while the reader is absent.
-    """
-    try:
-        from gem_jax.data.subject import load_subject
-    except ImportError:
-        return _documented_cameras(root)
     subject = load_subject(root)
     out = {}
-    for frame in subject.frames:
-        cam = frame.camera
-        out[(int(frame.timestep_index), int(frame.camera_index))] = (
-            np.asarray(cam.viewmat), np.asarray(cam.K), int(cam.height), int(cam.width))
-    return out
-
-
-def _documented_cameras(root):
-    out = {}
     for split in ("train", "val", "test"):
-        for f in json.loads((root / f"transforms_{split}.json").read_text())["frames"]:
-            viewmat = np.linalg.inv(np.asarray(f["transform_matrix"]) @ np.diag([1.0, -1.0, -1.0, 1.0]))
-            K = np.array([[f["fl_x"], 0, f["cx"]], [0, f["fl_y"], f["h"] - f["cy"]], [0, 0, 1]])
-            out[(f["timestep_index"], f["camera_index"])] = (viewmat, K, f["h"], f["w"])
+        for frame in subject.frames(split):
+            cam = frame.camera
+            out[(int(frame.timestep), int(frame.camera_index))] = (
+                np.asarray(cam.viewmat), np.asarray(cam.K), int(cam.height), int(cam.width))
     return out
 
 

@@ -66,6 +66,11 @@ def _generate(folder: Path, manifest: dict, force: bool, write) -> tuple[bool, d
     return True, summary
 
 
+def subject_dir(config, workdir: str | os.PathLike) -> Path:
+    """The subject folder every stage reads: ``config.data.subject_dir``, or ``<workdir>/data``."""
+    return Path(config.data.subject_dir) if config.data.subject_dir else Path(workdir) / "data"
+
+
 def _describe(name: str, folder: Path, summary: dict | None, seconds: float | None) -> str:
     if not summary:
         return f"[data] {name}: {folder}"

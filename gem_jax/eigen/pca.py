@@ -340,18 +340,21 @@ def write_collect(
     colors: ArrayLike,
     valid: ArrayLike,
     timesteps: ArrayLike | None = None,
+    *,
+    matrices_written: bool = False,
 ) -> Path:
     """Write the collect layout (module docstring) from in-memory arrays; validates first.
 
     Each file is written to a temporary name and renamed, so a crash leaves no half file.
-    ``timesteps`` defaults to ``arange(N)``.
+    ``timesteps`` defaults to ``arange(N)``. With ``matrices_written`` the modality matrices
+    are already in place (memory-mapped, written row by row): they are checked, not rewritten.
     """
     root = Path(collect_dir)
     n = np.shape(matrices[MODALITIES[0]])[0] if MODALITIES[0] in matrices else 0
     timesteps = np.arange(n) if timesteps is None else np.asarray(timesteps)
     _check_collect("write_collect", matrices, colors, valid, timesteps)
     root.mkdir(parents=True, exist_ok=True)
-    out = {m: np.asarray(matrices[m], np.float32) for m in MODALITIES}
+    out = {} if matrices_written else {m: np.asarray(matrices[m], np.float32) for m in MODALITIES}
     out["colors"] = np.asarray(colors, np.float32)
     out["valid"] = np.asarray(valid)
     out["timesteps"] = timesteps.astype(np.int64)

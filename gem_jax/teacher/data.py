@@ -2,7 +2,7 @@
 
 * :func:`tracked_meshes` — per timestep, the root-free tracked mesh and the root transform
   (:func:`gem_jax.teacher.maps.root_free_mesh`), one jitted, batched LBS pass.
-* :func:`load_images` — a split decoded once into uint8 arrays: the *foreground* ``image·mask``
+* :func:`load_images` (:mod:`gem_jax.data.images`) — a split decoded once into uint8 arrays: the *foreground* ``image·mask``
   (composited on black) and the mask, so any background can be composited in the train step
   (``target = fg + bg·(1 − mask)``; random colours in training, DESIGN §5).
 * :func:`mouth_masks` — where each training image sees the mouth interior, for the ×150 L1
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gem_jax.data.images import ImageSet, load_images  # noqa: F401 (re-exported)
 from gem_jax.head.flame import HeadModel
 from gem_jax.head.meshraster import project_vertices, rasterize_triangles
 from gem_jax.teacher import maps
@@ -65,42 +66,6 @@ def tracked_meshes(subject, model: HeadModel, timesteps, chunk: int = 64) -> Mes
         verts[ts] = np.asarray(v)[: len(ts)]
         roots[ts] = np.asarray(r)[: len(ts)]
     return Meshes(verts, roots)
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageSet:
-    """A split in memory: ``fg`` (F,H,W,3) uint8 = image·mask, ``masks`` (F,H,W) uint8, cameras,
-    timesteps, and ``mouth`` (F,H,W) uint8 masks or None."""
-
-    fg: np.ndarray
-    masks: np.ndarray
-    timesteps: np.ndarray
-    camera_indices: np.ndarray
-    viewmats: np.ndarray
-    Ks: np.ndarray
-    width: int
-    height: int
-    mouth: np.ndarray | None = None
-
-    @property
-    def num(self) -> int:
-        return int(self.fg.shape[0])
-
-    def composite(self, index, background) -> np.ndarray:
-        """Float images of ``index`` over ``background`` (3,): ``fg + bg·(1 − mask)``."""
-        fg = self.fg[index].astype(np.float32) / 255.0
-        m = self.masks[index].astype(np.float32)[..., None] / 255.0
-        return fg + np.asarray(background, np.float32) * (1.0 - m)
-
-
-def load_images(subject, split: str, max_frames: int | None = None) -> ImageSet:
-    """Decode ``split`` (or ``max_frames`` of it, evenly spaced) into an :class:`ImageSet`."""
-    arrays = subject.load_split(split, background=(0.0, 0.0, 0.0), max_frames=max_frames or None)
-    if arrays.num_frames == 0:
-        raise ValueError(f"{subject.root}: split {split!r} has no frames")
-    return ImageSet(fg=arrays.images, masks=arrays.masks, timesteps=arrays.timesteps,
-                    camera_indices=arrays.camera_indices, viewmats=arrays.viewmats, Ks=arrays.Ks,
-                    width=int(arrays.width), height=int(arrays.height))
 
 
 def _mouth_mask(verts_world, faces, mouth_faces, viewmat, K, height, width) -> np.ndarray:

@@ -23,7 +23,6 @@ import os
 import time
 from pathlib import Path
 
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +32,7 @@ from gem_jax.render import count_intersections, rasterize, round_capacity
 from gem_jax.teacher import data as tdata
 from gem_jax.teacher.model import ForwardSpec, world_gaussians_fn
 from gem_jax.types import Camera
+from gem_jax.video import write_png
 
 __all__ = ["EVAL_SPLITS", "evaluate", "render_images"]
 
@@ -78,12 +78,6 @@ def render_images(net, params, consts, spec: ForwardSpec, meshes: tdata.Meshes, 
     return out
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    rgb = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
-    if not cv2.imwrite(str(path), rgb[..., ::-1]):
-        raise OSError(f"could not write {path}")
-
-
 def evaluate(setup, params, out: Path, step: int | None = None) -> dict:
     """Evaluate on both held-out splits; write ``eval.json`` and the renders (module docstring)."""
     tc, config = setup.tconfig, setup.config
@@ -120,7 +114,7 @@ def evaluate(setup, params, out: Path, step: int | None = None) -> dict:
         picks = np.unique(np.round(np.linspace(0, images.num - 1, count)))
         for k, i in enumerate(np.asarray(picks, int)):
             path = renders / f"{name}_{k:02d}_t{int(images.timesteps[i]):05d}_c{int(images.camera_indices[i]):02d}.png"
-            _write_png(path, np.concatenate([np.clip(pred[i], 0, 1), target[i]], axis=1))
+            write_png(path, np.concatenate([np.clip(pred[i], 0, 1), target[i]], axis=1))
         text = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "num_images")
         print(f"[teacher] eval {name} ({split}, {images.num} images, {time.time() - start:.1f}s): {text}")
     if write:

@@ -41,6 +41,7 @@ from jaxtyping import Array, Float, Int
 from gem_jax.head.flame import joint_transforms, lbs
 from gem_jax.head.uv import UVRaster, position_map, tbn_frames
 from gem_jax.render.project import quat_to_rotmat
+from gem_jax.rigid import quat_multiply, rigid_transform, rotmat_to_quat  # noqa: F401 (re-exported)
 from gem_jax.types import Gaussians
 
 __all__ = [
@@ -94,36 +95,6 @@ def map_from_texels(values: Float[Array, "*b N C"], texels: Int[Array, "N"], res
 
 
 # ----------------------------------------------------------------------------- rotations
-
-
-def rotmat_to_quat(m: Float[Array, "*b 3 3"]) -> Float[Array, "*b 4"]:
-    """wxyz unit quaternions of rotation matrices (Shepperd's method: the best-conditioned of
-    four candidate formulas per matrix, so no division by a small number), sign ``w ≥ 0``."""
-    m = jnp.asarray(m)
-    m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
-    trace = m00 + m11 + m22
-    candidates = jnp.stack([
-        jnp.stack([1 + trace, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1),
-        jnp.stack([m[..., 2, 1] - m[..., 1, 2], 1 + m00 - m11 - m22, m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0]], -1),
-        jnp.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 0, 1] + m[..., 1, 0], 1 - m00 + m11 - m22, m[..., 1, 2] + m[..., 2, 1]], -1),
-        jnp.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1], 1 - m00 - m11 + m22], -1),
-    ], axis=-2)  # (..., 4 candidates, 4); candidate k has component k equal to 4·q_k²
-    best = jnp.argmax(jnp.stack([trace, m00, m11, m22], -1), axis=-1)
-    q = jnp.take_along_axis(candidates, best[..., None, None], axis=-2)[..., 0, :]
-    q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
-    return jnp.where(q[..., :1] < 0, -q, q)
-
-
-def quat_multiply(a: Float[Array, "*b 4"], b: Float[Array, "*b 4"]) -> Float[Array, "*b 4"]:
-    """Hamilton product ``a ⊗ b`` of wxyz quaternions (``R(a ⊗ b) = R(a) R(b)``)."""
-    aw, ax, ay, az = jnp.moveaxis(a, -1, 0)
-    bw, bx, by, bz = jnp.moveaxis(b, -1, 0)
-    return jnp.stack([
-        aw * bw - ax * bx - ay * by - az * bz,
-        aw * bx + ax * bw + ay * bz - az * by,
-        aw * by - ax * bz + ay * bw + az * bx,
-        aw * bz + ax * by - ay * bx + az * bw,
-    ], axis=-1)
 
 
 # ----------------------------------------------------------------------------- canonical
@@ -301,14 +272,6 @@ def deform(gaussians: Gaussians, canonical: Canonical, tracked: SurfaceFrames) -
     rel = jnp.einsum("nij,nkj->nik", tracked.frames, canonical.frames)  # R_t R₀ᵀ
     means = jnp.einsum("nij,nj->ni", rel, gaussians.means - canonical.positions) + tracked.positions
     quats = quat_multiply(rotmat_to_quat(rel), gaussians.quats)
-    return gaussians.replace(means=means, quats=quats)
-
-
-def rigid_transform(gaussians: Gaussians, transform: Float[Array, "4 4"]) -> Gaussians:
-    """Apply a rigid ``transform`` (4×4, rotation + translation) to means and rotations."""
-    rot, trans = transform[:3, :3], transform[:3, 3]
-    means = gaussians.means @ rot.T + trans
-    quats = quat_multiply(jnp.broadcast_to(rotmat_to_quat(rot), gaussians.quats.shape), gaussians.quats)
     return gaussians.replace(means=means, quats=quats)
 
 

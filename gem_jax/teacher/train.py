@@ -43,6 +43,7 @@ import optax
 
 from gem_jax import parallel
 from gem_jax.checkpoint import StageCheckpoints
+from gem_jax.data.prepare import subject_dir
 from gem_jax.losses import teacher_loss
 from gem_jax.metrics import psnr
 from gem_jax.render import count_intersections, rasterize, round_capacity
@@ -55,11 +56,6 @@ from gem_jax.types import Camera
 __all__ = ["cached_train_step", "make_optimizer", "make_train_step", "restore_params", "run", "subject_dir"]
 
 STAGE = "teacher"
-
-
-def subject_dir(config, workdir: Path) -> Path:
-    """The subject folder: ``config.data.subject_dir`` or the synthetic one in ``<workdir>/data``."""
-    return Path(config.data.subject_dir) if config.data.subject_dir else Path(workdir) / "data"
 
 
 def make_schedule(tconfig) -> optax.Schedule:

@@ -1,0 +1,85 @@
+"""What the GEM stages read from and write to a work directory (DESIGN §1).
+
+    <workdir>/collect/   the teacher's Gaussians per training timestep (gem_jax.eigen.pca layout)
+                         and roots.npy (T_all, 4, 4): the root pose of every timestep
+    <workdir>/pca/       gem.npz (the PCA-only model), coeffs.npy (N, ΣK) and timesteps.npy (N,):
+                         the σ-unit coefficients of every training timestep; report.txt, eval.json
+    <workdir>/refine/    gem.npz (the refined model), ckpt/ (orbax), metrics.json, eval.json
+
+The eigen stages never import the teacher: ``collect`` hands them these plain arrays. Every
+reader names the missing file and the stage that writes it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from gem_jax.eigen.model import GEM, load
+
+__all__ = ["MODEL_FILE", "Coefficients", "load_model", "load_pca_coefficients", "load_roots", "write_array"]
+
+MODEL_FILE = "gem.npz"
+ROOTS_FILE = "roots.npy"
+
+
+def _need(path: Path, stage: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run --stage {stage} first")
+    return path
+
+
+def write_array(path: Path, value: np.ndarray) -> Path:
+    """``np.save`` to a temporary name, then rename (no half-written file after a crash)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, value)
+    os.replace(tmp, path)
+    return path
+
+
+def load_roots(workdir: str | os.PathLike) -> np.ndarray:
+    """``(T_all, 4, 4)`` root poses (world ← head frame) indexed by timestep, from ``collect``."""
+    path = _need(Path(workdir) / "collect" / ROOTS_FILE, "collect")
+    roots = np.load(path, allow_pickle=False)
+    if roots.ndim != 3 or roots.shape[1:] != (4, 4) or not np.all(np.isfinite(roots)):
+        raise ValueError(f"{path}: expected finite float (T, 4, 4) root transforms, got {roots.dtype} {roots.shape}")
+    return roots.astype(np.float32)
+
+
+class Coefficients:
+    """The PCA coefficients ``k (N, ΣK)`` (σ units) of the training timesteps ``timesteps (N,)``."""
+
+    def __init__(self, timesteps: np.ndarray, k: np.ndarray):
+        if k.ndim != 2 or timesteps.shape != (k.shape[0],):
+            raise ValueError(f"coefficients: expected k (N, K) and timesteps (N,), got {k.shape} and {timesteps.shape}")
+        self.timesteps, self.k = timesteps.astype(np.int64), k.astype(np.float32)
+        self._row = {int(t): i for i, t in enumerate(self.timesteps)}
+
+    def rows(self, timesteps) -> np.ndarray:
+        missing = sorted({int(t) for t in timesteps} - self._row.keys())
+        if missing:
+            raise KeyError(f"coefficients: no PCA coefficients for timesteps {missing[:10]} (not training timesteps)")
+        return np.array([self._row[int(t)] for t in timesteps], np.int64)
+
+    def of(self, timesteps) -> np.ndarray:
+        """``(len(timesteps), ΣK)``: the coefficients of each given timestep."""
+        return self.k[self.rows(timesteps)]
+
+
+def load_pca_coefficients(workdir: str | os.PathLike) -> Coefficients:
+    root = Path(workdir) / "pca"
+    k = np.load(_need(root / "coeffs.npy", "pca"), allow_pickle=False)
+    t = np.load(_need(root / "timesteps.npy", "pca"), allow_pickle=False)
+    return Coefficients(t, k)
+
+
+def load_model(workdir: str | os.PathLike, stage: str | None = None) -> GEM:
+    """The GEM of ``stage`` (``"refine"`` or ``"pca"``); default: refined if present, else PCA-only."""
+    workdir = Path(workdir)
+    if stage is None:
+        stage = "refine" if (workdir / "refine" / MODEL_FILE).is_file() else "pca"
+    return load(_need(workdir / stage / MODEL_FILE, stage))
