@@ -1,0 +1,140 @@
+"""Exporting a distilled GEM: the compact file, 3DGS ``.ply`` frames, and component sweeps (DESIGN §6).
+
+    python -m gem_jax.export --workdir runs/q --npz avatar_fp16.npz --dtype float16
+    python -m gem_jax.export --workdir runs/q --ply frame.ply --timestep 3        # a training frame
+    python -m gem_jax.export --workdir runs/q --ply frame.ply --coeffs k.npy      # any (ΣK,) vector
+    python -m gem_jax.export --workdir runs/q --sweep runs/q/sweeps --components 3
+
+* **compact file** — :meth:`GEM.save` (one ``.npz``, float32 or float16); its size is printed.
+* **.ply** — the Gaussians of a coefficient vector ``G(k)`` (head frame, or posed by a
+  timestep's root pose with ``--posed``) in the standard 3DGS layout (``x y z``, ``f_dc_*``,
+  ``opacity`` logit, ``scale_*`` log, ``rot_*`` wxyz), which common splat viewers open.
+* **sweep** — for each of the first ``--components`` components of every modality, the
+  avatar with that coefficient swept from −3σ to +3σ (all others 0, the mean face), rendered
+  from a training camera: a PNG strip ``<modality>_<i>.png`` and an MP4 ``<modality>_<i>.mp4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from gem_jax.eigen.model import COEFF_LIMIT, GEM, size_mb, split_coeffs
+from gem_jax.eigen.pca import MODALITIES
+from gem_jax.eigen.render import render_exact
+from gem_jax.render.ply import write_ply
+from gem_jax.rigid import rigid_transform
+from gem_jax.video import VideoWriter, write_png
+
+__all__ = ["component_sweep", "export_ply", "main", "sweep_coefficients"]
+
+
+def export_ply(model: GEM, k, path: str | os.PathLike, root: np.ndarray | None = None) -> Path:
+    """Write ``G(k)`` (posed by ``root`` if given) as a standard 3DGS ``.ply``."""
+    g = model.evaluate(jnp.asarray(k, jnp.float32))
+    if root is not None:
+        g = rigid_transform(g, jnp.asarray(root, jnp.float32))
+    return write_ply(path, g)
+
+
+def sweep_coefficients(model: GEM, modality: str, index: int, frames: int = 13) -> np.ndarray:
+    """``(frames, ΣK)``: component ``index`` of ``modality`` from −3σ to +3σ, every other 0."""
+    if modality not in MODALITIES:
+        raise ValueError(f"sweep: unknown modality {modality!r}; expected one of {MODALITIES}")
+    count = model.num_components[modality]
+    if not 0 <= index < count:
+        raise ValueError(f"sweep: {modality} has {count} components; index {index} is out of range")
+    values = np.linspace(-COEFF_LIMIT, COEFF_LIMIT, frames, dtype=np.float32)
+    parts = {m: np.zeros((frames, model.num_components[m]), np.float32) for m in MODALITIES}
+    parts[modality][:, index] = values
+    return np.concatenate([parts[m] for m in MODALITIES], axis=1)
+
+
+def component_sweep(model: GEM, out: str | os.PathLike, viewmat: np.ndarray, K: np.ndarray, width: int,
+                    height: int, root: np.ndarray, components: int = 3, frames: int = 13,
+                    background=(1.0, 1.0, 1.0), strip_frames: int = 7, fps: float = 12.0) -> list[Path]:
+    """PNG strips and MP4s of the first ``components`` components of every modality (module docstring)."""
+    out = Path(out)
+    written = []
+    for m in MODALITIES:
+        for i in range(min(components, model.num_components[m])):
+            k = sweep_coefficients(model, m, i, frames)
+            n = len(k)
+            images = render_exact(model, k, np.broadcast_to(root, (n, 4, 4)), np.broadcast_to(viewmat, (n, 4, 4)),
+                                  np.broadcast_to(K, (n, 3, 3)), background, width, height)
+            pick = np.round(np.linspace(0, n - 1, min(strip_frames, n))).astype(int)
+            written.append(write_png(out / f"{m}_{i}.png", np.concatenate(list(images[pick]), axis=1)))
+            with VideoWriter(out / f"{m}_{i}.mp4", fps) as video:
+                for image in np.concatenate([images, images[::-1]]):  # there and back
+                    video.write(image)
+            written.append(video.path)
+    return written
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m gem_jax.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="work directory of a run (after --stage pca or refine)")
+    p.add_argument("--stage", choices=("refine", "pca"), default=None,
+                   help="which model (default: refined if present, else PCA-only)")
+    p.add_argument("--npz", help="write the compact model file here")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage of --npz")
+    p.add_argument("--ply", help="write a 3DGS .ply of one coefficient vector here")
+    p.add_argument("--coeffs", help="a .npy (ΣK,) coefficient vector in σ units for --ply (default: zeros)")
+    p.add_argument("--timestep", type=int, help="use this training timestep's PCA coefficients for --ply")
+    p.add_argument("--posed", action="store_true", help="apply the timestep's root pose (else the head frame)")
+    p.add_argument("--sweep", help="write component sweeps (PNG strips + MP4) into this folder")
+    p.add_argument("--components", type=int, default=3, help="components per modality in the sweep")
+    p.add_argument("--camera", type=int, default=None, help="camera index of the sweep (default: the first)")
+    p.add_argument("--subject", default=None, help="subject folder for the sweep's camera (default: WORKDIR/data)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from gem_jax.eigen.workdir import load_model, load_pca_coefficients, load_roots
+
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    workdir = Path(args.workdir)
+    model = load_model(workdir, args.stage)
+    print(model.summary())
+    if args.npz:
+        path = model.save(args.npz, dtype=args.dtype)
+        print(f"[export] {path}: {size_mb(path):.2f} MB ({args.dtype})")
+    coeffs = load_pca_coefficients(workdir)
+    roots = load_roots(workdir)
+    if args.ply:
+        root = None
+        if args.coeffs and args.timestep is not None:
+            raise SystemExit("--coeffs and --timestep are exclusive")
+        if args.coeffs:
+            k = np.load(args.coeffs, allow_pickle=False).astype(np.float32)
+            split_coeffs(model, k)  # shape check with a clear message
+        elif args.timestep is not None:
+            k = coeffs.of([args.timestep])[0]
+        else:
+            k = np.zeros(model.total_components, np.float32)
+        if args.posed:
+            root = roots[args.timestep if args.timestep is not None else int(coeffs.timesteps[0])]
+        path = export_ply(model, k, args.ply, root)
+        print(f"[export] {path}: {model.num_gaussians} Gaussians")
+    if args.sweep:
+        from gem_jax.data.subject import load_subject
+
+        subject = load_subject(args.subject or workdir / "data")
+        cameras = subject.cameras("train")
+        index = next(iter(cameras)) if args.camera is None else args.camera
+        if index not in cameras:
+            raise SystemExit(f"--camera {index}: not a training camera (have {sorted(cameras)})")
+        cam = cameras[index]
+        files = component_sweep(model, args.sweep, np.asarray(cam.viewmat), np.asarray(cam.K), cam.width, cam.height,
+                                roots[int(coeffs.timesteps[0])], components=args.components)
+        print(f"[export] {len(files)} sweep files in {args.sweep}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
