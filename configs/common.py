@@ -136,4 +136,25 @@ def base_config() -> ml_collections.ConfigDict:
     r.eval.num_renders = 6
     r.eval.batch_size = 8
 
+    # regress: image → coefficients (DESIGN §7; gem_jax/regress/).
+    g = c.regress = ml_collections.ConfigDict()
+    g.features = "vgg"  # vgg | landmarks (needs gem-jax[mediapipe]) | precomputed
+    g.crop_size = 112  # face crop side fed to the extractor
+    g.crop_margin = 1.15  # box = bounding square of the projected head × margin
+    g.feature_dim = 50  # feature PCA components (σ-normalised, clamped ±2.9)
+    g.width = 256
+    g.depth = 4
+    g.dropout = 0.2
+    g.steps = 20_000
+    g.batch_size = 8
+    g.lr = 1e-3  # AdamW, linear warm-up then cosine decay to lr · end_lr_factor
+    g.warmup_steps = 500
+    g.end_lr_factor = 0.05
+    g.weight_decay = 1e-4
+    g.clip_norm = 1.0
+    g.loss = ml_collections.ConfigDict({"l1": 0.3, "dssim": 1.0, "coeff": 0.005, "prior": 1e-3})
+    g.log_every = 100
+    g.checkpoint_every = 1000
+    g.eval = ml_collections.ConfigDict({"max_images": 0, "lpips": True, "num_renders": 6})
+
     return c

@@ -55,6 +55,14 @@ def get_config(arg: str | None = None):
     r.log_every = 10
     r.checkpoint_every = 100
     r.eval.max_images = 64
+    g = c.regress
+    g.crop_size = 96
+    g.steps = 600
+    g.batch_size = 8
+    g.warmup_steps = 30
+    g.log_every = 10
+    g.checkpoint_every = 100
+    g.eval.max_images = 64
     if args.tiny:
         c.name = "quickstart_tiny"
         s.num_cameras = 4
@@ -90,5 +98,17 @@ def get_config(arg: str | None = None):
         r.eval.max_images = 4
         r.eval.lpips = False
         r.eval.num_renders = 2
+        g.crop_size = 32
+        g.feature_dim = 4
+        g.width = 16
+        g.depth = 2
+        g.steps = 3
+        g.batch_size = 4
+        g.warmup_steps = 1
+        g.log_every = 1
+        g.checkpoint_every = 1
+        g.eval.max_images = 4
+        g.eval.lpips = False
+        g.eval.num_renders = 2
     c.lock()
     return c

@@ -27,7 +27,7 @@ STAGES: list[tuple[str, str | None]] = [
     ("collect", "gem_jax.teacher.collect:run"),
     ("pca", "gem_jax.eigen.pca_stage:run"),
     ("refine", "gem_jax.eigen.refine:run"),
-    ("regress", None),
+    ("regress", "gem_jax.regress.train:run"),
     ("eval", None),
 ]
 STAGE_NAMES = [name for name, _ in STAGES]

@@ -34,6 +34,12 @@ class ImageSet:
     def num(self) -> int:
         return int(self.fg.shape[0])
 
+    def subset(self, rows) -> "ImageSet":
+        """The images ``rows`` (an index array) as a new set."""
+        rows = np.asarray(rows)
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), np.ndarray)})
+
     def composite(self, index, background) -> np.ndarray:
         """Float images of ``index`` over ``background`` (3,): ``fg + bg·(1 − mask)``."""
         fg = self.fg[index].astype(np.float32) / 255.0
