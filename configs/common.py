@@ -119,11 +119,13 @@ def base_config() -> ml_collections.ConfigDict:
     r = c.refine = ml_collections.ConfigDict()
     r.steps = 30_000
     r.batch_size = 4
-    r.lr = 1e-4  # Adam on U (rows have unit norm: entries are ~1/sqrt(D))
+    r.lr = 1e-5  # Adam on U: rows have unit norm, entries ~1/sqrt(D); Adam moves each by ~lr per step
     r.end_lr_factor = 0.1  # cosine decay to lr · end_lr_factor
     r.qr_every = 1000  # U ← Q of QR(Uᵀ), signs fixed by diag R
     r.random_background = True
     r.loss = ml_collections.ConfigDict({"l1": 0.3, "dssim": 1.0, "vgg": 0.03})
+    r.val_cameras = 1  # training cameras withheld to validate the refinement (0 = off)
+    r.val_images = 48  # at most this many validation images (evenly spaced)
     r.capacity_headroom = 2.0
     r.log_every = 100
     r.checkpoint_every = 1000

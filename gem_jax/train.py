@@ -28,7 +28,7 @@ STAGES: list[tuple[str, str | None]] = [
     ("pca", "gem_jax.eigen.pca_stage:run"),
     ("refine", "gem_jax.eigen.refine:run"),
     ("regress", "gem_jax.regress.train:run"),
-    ("eval", None),
+    ("eval", "gem_jax.report:run"),
 ]
 STAGE_NAMES = [name for name, _ in STAGES]
 

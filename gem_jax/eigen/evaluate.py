@@ -74,7 +74,8 @@ def evaluate_images(model: GEM, k: np.ndarray, roots: np.ndarray, images: ImageS
     return summary
 
 
-def evaluate_protocol(config, workdir: str | os.PathLike, model: GEM, out: Path, tag: str) -> dict:
+def evaluate_protocol(config, workdir: str | os.PathLike, model: GEM, out: Path, tag: str,
+                      extra: dict | None = None) -> dict:
     """Both held-out splits (module docstring); writes ``out/eval.json``, ``out/renders/`` and
     the fitted coefficients of the held-out sequence ``out/fit_test.npz``. Uses ``config.refine.eval``
     (image counts, LPIPS) for the PCA-only and the refined model alike, so they are comparable."""
@@ -95,7 +96,7 @@ def evaluate_protocol(config, workdir: str | os.PathLike, model: GEM, out: Path,
         lpips_fn = LPIPS("vgg16")
     common = dict(lpips_fn=lpips_fn, renders=out / "renders", num_renders=int(ev.num_renders),
                   batch_size=int(ev.batch_size), backend=backend, tag=tag)
-    result: dict = {"background": background}
+    result: dict = {"background": background, **(extra or {})}
     max_images = int(ev.max_images) or None
     train = load_images(subject, "train", min(int(ev.train_images), len(subject.frames("train"))))
     result["training_views"] = evaluate_images(model, coeffs.of(train.timesteps), roots[train.timesteps], train,

@@ -125,6 +125,74 @@ def make_refine_step(rconfig, optimizer, mesh, width: int, height: int, capacity
     return jax.jit(step_fn, donate_argnums=0)
 
 
+BEST_FILE = "best.npz"
+
+
+def split_validation(images: ImageSet, cameras: int, max_images: int) -> tuple[ImageSet, ImageSet | None]:
+    """Withhold ``cameras`` training cameras (evenly spread over the rig) for validation."""
+    if cameras <= 0:
+        return images, None
+    cams = np.unique(images.camera_indices)
+    if cameras >= len(cams):
+        raise ValueError(f"refine.val_cameras={cameras}: only {len(cams)} training cameras")
+    picks = cams[np.round(np.linspace(0, len(cams) - 1, cameras + 2)[1:-1]).astype(int)]
+    held = np.isin(images.camera_indices, picks)
+    val = images.subset(np.flatnonzero(held))
+    if max_images and val.num > max_images:
+        val = val.subset(np.unique(np.round(np.linspace(0, val.num - 1, max_images)).astype(int)))
+    return images.subset(np.flatnonzero(~held)), val
+
+
+class _Best:
+    """The basis with the best PSNR on the withheld validation views, kept on disk (``best.npz``)
+    so a resumed run remembers it. Step 0 is the PCA basis: refinement that does not help on
+    views it was not trained on is not kept."""
+
+    def __init__(self, path: Path, model: GEM, coeffs: Coefficients, roots, images: ImageSet | None, backend: str):
+        from gem_jax.eigen.evaluate import render_images
+
+        self.path, self.model, self.images, self.backend = path, model, images, backend
+        self.U, self.psnr, self.step, self.history = None, -np.inf, None, []
+        self._render = render_images
+        if images is not None:
+            self.k, self.roots = coeffs.of(images.timesteps), roots[images.timesteps]
+            self.target = images.composite(slice(None), (1.0, 1.0, 1.0))
+            if path.is_file():
+                with np.load(path, allow_pickle=False) as z:
+                    self.U = {m: z[f"U_{m}"] for m in model.U}
+                    self.psnr, self.step = float(z["psnr"]), int(z["step"])
+                    self.history = [tuple(h) for h in z["history"].tolist()]
+
+    def offer(self, step: int, U) -> None:
+        if self.images is None or any(h[0] == step for h in self.history):
+            return
+        model = self.model.replace(U={m: orthonormalize_rows(jnp.asarray(u)) for m, u in U.items()})
+        pred = self._render(model, self.k, self.roots, self.images, (1.0, 1.0, 1.0), backend=self.backend)
+        value = float(np.mean(np.asarray(psnr(jnp.asarray(np.clip(pred, 0, 1)), jnp.asarray(self.target)))))
+        self.history.append((step, value))
+        _log(f"step {step}: validation PSNR {value:.3f} dB" + (" (PCA basis)" if step == 0 else ""))
+        if value > self.psnr:
+            self.U, self.psnr, self.step = {m: np.asarray(u) for m, u in U.items()}, value, step
+        if jax.process_index() == 0:
+            tmp = self.path.with_name(f".{self.path.name}.tmp.npz")
+            np.savez(tmp, psnr=self.psnr, step=self.step, history=np.array(self.history, np.float64),
+                     **{f"U_{m}": u for m, u in self.U.items()})
+            os.replace(tmp, self.path)
+
+    def describe(self) -> str:
+        if self.step == 0:
+            return (f"refinement did not raise the validation PSNR above the PCA basis' {self.psnr:.3f} dB: "
+                    "the PCA basis is kept")
+        return f"kept the basis of step {self.step} (validation PSNR {self.psnr:.3f} dB)"
+
+    def summary(self) -> dict:
+        if self.images is None:
+            return {"enabled": False}
+        return {"enabled": True, "cameras": sorted(set(int(c) for c in self.images.camera_indices)),
+                "images": int(self.images.num), "best_step": self.step, "best_psnr": self.psnr,
+                "history": [{"step": int(a), "psnr": float(b)} for a, b in self.history]}
+
+
 def _log(message: str) -> None:
     if jax.process_index() == 0:
         print(f"[refine] {message}", flush=True)
@@ -172,7 +240,10 @@ def run(config, workdir: str | os.PathLike, force: bool = False, mesh=None) -> d
     coeffs = load_pca_coefficients(workdir)
     roots = load_roots(workdir)
     subject = load_subject(subject_dir(config, workdir))
-    images = load_images(subject, "train")
+    images, val_images = split_validation(load_images(subject, "train"), int(rc.val_cameras), int(rc.val_images))
+    if val_images is not None:
+        _log(f"validation: training cameras {sorted(set(val_images.camera_indices.tolist()))} withheld "
+             f"({val_images.num} images); the basis with the best validation PSNR is kept")
     mesh = parallel.data_mesh() if mesh is None else mesh
     batch_size = parallel.global_batch_size(int(rc.batch_size), mesh)
     optimizer = make_optimizer(rc)
@@ -208,8 +279,11 @@ def run(config, workdir: str | os.PathLike, force: bool = False, mesh=None) -> d
         records = [r for r in json.loads(metrics_path.read_text()).get("records", []) if r["step"] <= start]
     bar = tqdm(total=steps, initial=start, desc="refine", unit="step", file=sys.stderr, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 15.0, disable=jax.process_index() != 0)
+    best = _Best(out / BEST_FILE, model, coeffs, roots, val_images, str(config.render.backend))
     step = start
     try:
+        if start == 0:
+            best.offer(0, model.U)
         while step < steps:
             batch = parallel.shard_batch(refine_batch(images, coeffs, roots, step, batch_size, seed), mesh)
             state, metrics = step_fn(state, batch, model_rep, lpips_params)
@@ -231,17 +305,20 @@ def run(config, workdir: str | os.PathLike, force: bool = False, mesh=None) -> d
                 bar.set_postfix(loss=f"{m['loss']:.4f}", psnr=f"{m['psnr']:.2f}", refresh=False)
                 _write_json(metrics_path, {"stage": STAGE, "records": records})
             if step % ckpt.save_every == 0 or step == steps:
+                best.offer(step, jax.device_get(state["U"]))
                 ckpt.save(step, state, force=True)
         ckpt.wait()
     finally:
         bar.close()
         ckpt.close()
     _log(f"refined to step {int(state['step'])} in {time.time() - t0:.1f}s")
-    U = jax.device_get(state["U"])
+    U = jax.device_get(state["U"]) if best.U is None else best.U
+    if best.U is not None:
+        _log(best.describe())
     refined = model.replace(U={m: jnp.asarray(orthonormalize_rows(jnp.asarray(u))) for m, u in U.items()})
     if jax.process_index() == 0:
         refined.save(out / MODEL_FILE, dtype=str(config.pca.dtype))
     _log(f"wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB")
-    result = evaluate_protocol(config, workdir, refined, out, tag="refine")
+    result = evaluate_protocol(config, workdir, refined, out, tag="refine", extra={"validation": best.summary()})
     print(comparison_table(workdir), flush=True)
     return result
