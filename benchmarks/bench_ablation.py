@@ -38,7 +38,7 @@ from gem_jax.data.images import load_images  # noqa: E402
 from gem_jax.data.subject import load_subject  # noqa: E402
 from gem_jax.eigen.evaluate import render_images  # noqa: E402
 from gem_jax.eigen.model import GEM, size_breakdown, size_mb  # noqa: E402
-from gem_jax.eigen.pca import MODALITIES, fit_modalities, read_collect  # noqa: E402
+from gem_jax.eigen.pca import CHANNELS, MODALITIES, fit_modalities, read_collect  # noqa: E402
 from gem_jax.eigen.render import frame_capacity, world_gaussians  # noqa: E402
 from gem_jax.eigen.workdir import Coefficients, load_roots  # noqa: E402
 from gem_jax.metrics import psnr  # noqa: E402
@@ -97,8 +97,10 @@ def main(argv=None) -> int:
         capacity = frame_capacity(model, kvec[None], root[None], images.viewmats[:1], images.Ks[:1],
                                   images.width, images.height, headroom=1.25)
         fps = {b: render_fps(model, kvec, root, cam, capacity, b, args.repeats) for b in args.backends.split(",")}
-        arithmetic = texels * (1 + k_used) * 11 * 4 / 1e6
-        row = {"components": k_req, "components_used": k_used, "psnr_novel_view": value,
+        # texels × Σ_m (1 + K_m)·C_m × 4 bytes; = texels × (1 + K) × 11 × 4 when every K_m = K
+        arithmetic = texels * sum((1 + model.num_components[m]) * CHANNELS[m] for m in MODALITIES) * 4 / 1e6
+        used = "/".join(str(v) for v in model.num_components.values())
+        row = {"components": k_req, "components_used": used, "psnr_novel_view": value,
                "mb_float32": size_mb(model), "mb_basis_float32": size_breakdown(model)["basis"] / 1e6,
                "mb_arithmetic": arithmetic, "mb_float16": size_mb(model, "float16"),
                "fps": fps}
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
     h, w = images.height, images.width
     lines = [f"GEM component ablation: {texels} Gaussians, {data.num_timesteps} training timesteps, "
              f"{w}x{h} images, {jax.devices()[0].platform} ({platform.processor() or platform.machine()})", "",
-             "| components | used | PSNR novel view (dB) | MB fp32 (file) | MB fp32 (bases) | MB arithmetic | MB fp16 | "
+             "| components | used (pos/rot/scale/opac) | PSNR novel view (dB) | MB fp32 (file) | MB fp32 (bases) | MB arithmetic | MB fp16 | "
              + " | ".join(f"fps {b}" for b in backends) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * len(backends)]
     for r in rows:

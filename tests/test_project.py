@@ -153,7 +153,12 @@ def random_screen(rng, n, width, height):
     return means2d, radii, depths
 
 
-def test_tile_lists_are_all_pairs_sorted_by_tile_depth_id():
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-key-sort", "pair-sort"])
+def test_tile_lists_are_all_pairs_sorted_by_tile_depth_id(packed, monkeypatch):
+    from gem_jax.render import tiles
+
+    if not packed:  # the path of scenes too large for one 32-bit key
+        monkeypatch.setattr(tiles, "PACKED_KEY_LIMIT", 0)
     rng = np.random.default_rng(5)
     width, height = 83, 50
     means2d, radii, depths = random_screen(rng, 120, width, height)
