@@ -11,7 +11,7 @@
   ``opacity`` logit, ``scale_*`` log, ``rot_*`` wxyz), which common splat viewers open.
 * **sweep** — for each of the first ``--components`` components of every modality, the
   avatar with that coefficient swept from −3σ to +3σ (all others 0, the mean face), rendered
-  from a training camera: a PNG strip ``<modality>_<i>.png`` and an MP4 ``<modality>_<i>.mp4``.
+  from the held-out camera (``--camera``): a PNG strip ``<modality>_<i>.png`` and an MP4 ``<modality>_<i>.mp4``.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def _parse(argv):
     p.add_argument("--posed", action="store_true", help="apply the timestep's root pose (else the head frame)")
     p.add_argument("--sweep", help="write component sweeps (PNG strips + MP4) into this folder")
     p.add_argument("--components", type=int, default=3, help="components per modality in the sweep")
-    p.add_argument("--camera", type=int, default=None, help="camera index of the sweep (default: the first)")
+    p.add_argument("--camera", type=int, default=None,
+                   help="camera index of the sweep (default: the held-out camera, else the first)")
     p.add_argument("--subject", default=None, help="subject folder for the sweep's camera (default: WORKDIR/data)")
     return p.parse_args(argv)
 
@@ -125,10 +126,11 @@ def main(argv=None) -> int:
         from gem_jax.data.subject import load_subject
 
         subject = load_subject(args.subject or workdir / "data")
-        cameras = subject.cameras("train")
-        index = next(iter(cameras)) if args.camera is None else args.camera
+        cameras = {**subject.cameras("train"), **subject.cameras("val")}
+        default = next(iter(subject.cameras("val")), next(iter(cameras)))  # the held-out (middle) camera
+        index = default if args.camera is None else args.camera
         if index not in cameras:
-            raise SystemExit(f"--camera {index}: not a training camera (have {sorted(cameras)})")
+            raise SystemExit(f"--camera {index}: not a camera of the subject (have {sorted(cameras)})")
         cam = cameras[index]
         files = component_sweep(model, args.sweep, np.asarray(cam.viewmat), np.asarray(cam.K), cam.width, cam.height,
                                 roots[int(coeffs.timesteps[0])], components=args.components)
