@@ -9,7 +9,7 @@ from scipy.spatial.transform import Rotation
 
 from gem_jax.data.images import ImageSet
 from gem_jax.eigen.fit import apply_pose_correction, fit_coefficients
-from gem_jax.eigen.render import render_batch, render_exact, world_gaussians
+from gem_jax.eigen.render import render_exact, world_gaussians
 from gem_jax.eigen.workdir import load_model, load_roots
 from gem_jax.render import rasterize
 from gem_jax.rigid import rigid_transform
