@@ -111,6 +111,9 @@ def build_instructions(backend: str) -> str:
         "cuda": "nvcc on PATH (CUDA toolkit) in addition to a C++ compiler",
     }[backend]
     problem = _PROBLEMS.get(backend) or "not loaded"
+    if backend == "cuda":
+        problem += ("; note that this version of gem_jax has no CUDA kernel yet (kernels/blend_cuda.cu is "
+                    "not written: no GPU was available to verify one), so on a GPU use backend='reference'")
     return (
         f"The {backend!r} blending kernel is not available ({problem}). It is compiled by the "
         f"package build, which needs {needs}: run `pip install .` (or `pip install -e .`) in "
