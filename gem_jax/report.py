@@ -97,7 +97,8 @@ def side_by_side(workdir: Path, out: Path) -> list[Path]:
     alias = {"self_reenactment": "held_out_sequence"}
     regress = {(alias.get(s, s), t, c): v for (s, t, c), v in sources["regress"].items()}
     written = []
-    for key, (_, gt) in sources["refine"].items():
+    base = sources["refine"] or sources["pca"]  # the frames the GEM stages rendered
+    for key, (_, gt) in base.items():
         panels = [gt] + [src[key][0] for src in (sources["teacher"], sources["pca"], sources["refine"]) if key in src]
         if key in regress:
             panels.append(regress[key][0])
