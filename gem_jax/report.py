@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from gem_jax.atomic import write_json
 __all__ = ["collect_metrics", "metrics_table", "run"]
 
 STAGE = "eval"
@@ -119,9 +120,7 @@ def run(config, workdir: str | os.PathLike, force: bool = False) -> dict:
     frames = side_by_side(workdir, out)
     result = {"background": tuple(float(x) for x in config.data.background), "models": metrics,
               "frames": [str(p.relative_to(workdir)) for p in frames]}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", result)
     print(metrics_table(metrics))
     print(f"[eval] wrote {out / 'metrics.json'} and {len(frames)} side-by-side frames in {out / 'frames'} "
           "(ground truth | teacher | PCA | refined | regressor)")

@@ -19,6 +19,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from gem_jax.atomic import write_text
+
 # (stage name, "module:function") in pipeline order. The module is imported only when the
 # stage runs, so a stage that is not built yet never breaks the ones that are.
 STAGES: list[tuple[str, str | None]] = [
@@ -58,11 +60,7 @@ def stage_done(workdir: Path, name: str) -> bool:
 
 def mark_done(workdir: Path, name: str) -> None:
     """Atomically record that a stage finished (its outputs are complete)."""
-    path = workdir / name / "DONE"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-    os.replace(tmp, path)
+    write_text(workdir / name / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
 
 
 def run(config, workdir: str | os.PathLike, stage: str = "all", force: str | None = None) -> None:

@@ -16,7 +16,6 @@ the evaluation background (white). A few renders per split are written as
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gem_jax.atomic import write_json
 from gem_jax.data.images import ImageSet, load_images
 from gem_jax.eigen.fit import apply_pose_correction, fit_coefficients
 from gem_jax.eigen.model import GEM
@@ -124,7 +124,5 @@ def evaluate_protocol(config, workdir: str | os.PathLike, model: GEM, out: Path,
         if jax.process_index() == 0:
             np.savez(out / "fit_test.npz", timesteps=fit.timesteps, k=fit.k, xi=fit.xi, losses=fit.losses)
     if jax.process_index() == 0:
-        tmp = out / "eval.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out / "eval.json")
+        write_json(out / "eval.json", result)
     return result

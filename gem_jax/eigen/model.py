@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from gem_jax.atomic import write_npz
 from gem_jax.eigen.pca import CHANNELS, MODALITIES, PCAResult
 from gem_jax.types import Gaussians
 
@@ -329,12 +330,7 @@ def save(model: GEM, path: str | os.PathLike, *, dtype: str = "float32") -> Path
     path = Path(path)
     fields = to_fields(model, dtype)
     _from_fields(f"GEM.save({path})", fields)  # never write a file load() would reject
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **fields)
-    os.replace(tmp, path)
-    return path
+    return write_npz(path, **fields)
 
 
 def load(path: str | os.PathLike) -> GEM:

@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from gem_jax.atomic import write_npy
 from gem_jax.eigen.qr import row_signs
 
 MODALITIES = ("position", "rotation", "scale", "opacity")
@@ -359,10 +360,7 @@ def write_collect(
     out["valid"] = np.asarray(valid)
     out["timesteps"] = timesteps.astype(np.int64)
     for name, value in out.items():
-        tmp = root / f".{name}.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, value)
-        os.replace(tmp, root / f"{name}.npy")
+        write_npy(root / f"{name}.npy", value)
     return root
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from gem_jax.atomic import write_npy
 from gem_jax.eigen.evaluate import evaluate_protocol
 from gem_jax.eigen.model import GEM, size_mb
 from gem_jax.eigen.pca import MODALITIES, fit_modalities, read_collect, variance_report
-from gem_jax.eigen.workdir import MODEL_FILE, write_array
+from gem_jax.eigen.workdir import MODEL_FILE
 
 __all__ = ["run"]
 
@@ -48,8 +49,8 @@ def run(config, workdir: str | os.PathLike, force: bool = False) -> dict:
     coeffs = np.concatenate([np.asarray(results[m].coeffs) for m in MODALITIES], axis=1).astype(np.float32)
     if jax.process_index() == 0:
         model.save(out / MODEL_FILE, dtype=str(config.pca.dtype))
-        write_array(out / "coeffs.npy", coeffs)
-        write_array(out / "timesteps.npy", data.timesteps.astype(np.int64))
+        write_npy(out / "coeffs.npy", coeffs)
+        write_npy(out / "timesteps.npy", data.timesteps.astype(np.int64))
         (out / "report.txt").write_text(report + "\n")
     print(f"[pca] {data.num_timesteps} timesteps × {data.num_gaussians} Gaussians in {time.time() - start:.1f}s")
     print(report)

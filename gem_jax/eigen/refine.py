@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from gem_jax import parallel
+from gem_jax.atomic import write_json, write_npz
 from gem_jax.checkpoint import StageCheckpoints
 from gem_jax.data.images import ImageSet, load_images
 from gem_jax.eigen.evaluate import evaluate_protocol
@@ -174,10 +175,8 @@ class _Best:
         if value > self.psnr:
             self.U, self.psnr, self.step = {m: np.asarray(u) for m, u in U.items()}, value, step
         if jax.process_index() == 0:
-            tmp = self.path.with_name(f".{self.path.name}.tmp.npz")
-            np.savez(tmp, psnr=self.psnr, step=self.step, history=np.array(self.history, np.float64),
-                     **{f"U_{m}": u for m, u in self.U.items()})
-            os.replace(tmp, self.path)
+            write_npz(self.path, psnr=self.psnr, step=self.step, history=np.array(self.history, np.float64),
+                      **{f"U_{m}": u for m, u in self.U.items()})
 
     def describe(self) -> str:
         if self.step == 0:
@@ -196,13 +195,6 @@ class _Best:
 def _log(message: str) -> None:
     if jax.process_index() == 0:
         print(f"[refine] {message}", flush=True)
-
-
-def _write_json(path: Path, value) -> None:
-    if jax.process_index() == 0:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(value, indent=1))
-        os.replace(tmp, path)
 
 
 def comparison_table(workdir: str | os.PathLike) -> str:
@@ -303,7 +295,8 @@ def run(config, workdir: str | os.PathLike, force: bool = False, mesh=None) -> d
             if step % max(int(rc.log_every), 1) == 0 or step == steps:
                 records.append({"step": step, "time": time.time(), **m})
                 bar.set_postfix(loss=f"{m['loss']:.4f}", psnr=f"{m['psnr']:.2f}", refresh=False)
-                _write_json(metrics_path, {"stage": STAGE, "records": records})
+                if jax.process_index() == 0:
+                    write_json(metrics_path, {"stage": STAGE, "records": records})
             if step % ckpt.save_every == 0 or step == steps:
                 best.offer(step, jax.device_get(state["U"]))
                 ckpt.save(step, state, force=True)

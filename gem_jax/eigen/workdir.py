@@ -19,7 +19,7 @@ import numpy as np
 
 from gem_jax.eigen.model import GEM, load
 
-__all__ = ["MODEL_FILE", "Coefficients", "load_model", "load_pca_coefficients", "load_roots", "write_array"]
+__all__ = ["MODEL_FILE", "Coefficients", "load_model", "load_pca_coefficients", "load_roots"]
 
 MODEL_FILE = "gem.npz"
 ROOTS_FILE = "roots.npy"
@@ -28,16 +28,6 @@ ROOTS_FILE = "roots.npy"
 def _need(path: Path, stage: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run --stage {stage} first")
-    return path
-
-
-def write_array(path: Path, value: np.ndarray) -> Path:
-    """``np.save`` to a temporary name, then rename (no half-written file after a crash)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, value)
-    os.replace(tmp, path)
     return path
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 from jaxtyping import Array, Float
 
+from gem_jax.atomic import write_npz
 __all__ = ["BOUND", "FeaturePCA", "Regressor", "fit_feature_pca", "load_regressor", "save_regressor"]
 
 BOUND = 2.9
@@ -94,12 +95,7 @@ def save_regressor(path: str | os.PathLike, pca: FeaturePCA, net: Regressor, par
               "pca_sigma": pca.sigma, "num_outputs": np.array(net.num_outputs), "width": np.array(net.width),
               "depth": np.array(net.depth), "dropout": np.array(net.dropout), **flat,
               **{f"extra/{k}": np.array(v) for k, v in extra.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **fields)
-    os.replace(tmp, path)
-    return path
+    return write_npz(path, **fields)
 
 
 def load_regressor(path: str | os.PathLike) -> tuple[FeaturePCA, Regressor, dict, dict]:

@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from gem_jax import parallel
+from gem_jax.atomic import write_json
 from gem_jax.checkpoint import StageCheckpoints
 from gem_jax.data.images import ImageSet, load_images
 from gem_jax.eigen.evaluate import evaluate_images
@@ -278,7 +279,7 @@ def run(config, workdir: str | os.PathLike, force: bool = False, mesh=None) -> d
     if jax.process_index() == 0:
         save_regressor(out / REGRESSOR_FILE, pca, net, params,
                        {"features": extractor.name, "crop_size": int(rc.crop_size), "crop_margin": float(rc.crop_margin)})
-        (out / "metrics.json").write_text(json.dumps({"stage": STAGE, "records": records}, indent=1))
+        write_json(out / "metrics.json", {"stage": STAGE, "records": records})
     _log(f"trained to step {step} in {time.time() - start_time:.1f}s; wrote {out / REGRESSOR_FILE}")
     return evaluate_reenactment(config, workdir, extractor, out)
 
@@ -327,9 +328,7 @@ def evaluate_reenactment(config, workdir: Path, extractor, out: Path) -> dict:
                 result["fitted_upper_bound"] = {"stage": stage, **bound}
                 break
     if jax.process_index() == 0:
-        tmp = out / "eval.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out / "eval.json")
+        write_json(out / "eval.json", result)
     print(reenactment_table(result), flush=True)
     return result
 

@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gem_jax.atomic import write_npy
 from gem_jax.eigen.pca import CHANNELS, MODALITIES, write_collect
-from gem_jax.eigen.workdir import ROOTS_FILE, write_array
+from gem_jax.eigen.workdir import ROOTS_FILE
 from gem_jax.teacher.data import tracked_meshes
 from gem_jax.teacher.model import ForwardSpec, _canonical_jit, load_trained_teacher, make_net
 
@@ -118,7 +119,7 @@ def run(config, workdir: str | os.PathLike, force: bool = False) -> Path:
     write_collect(out, small, mats["colors"], valid, np.asarray(timesteps), matrices_written=True)
     all_t = sorted({t for split in ("train", "val", "test") for t in subject.timesteps(split)})
     roots = tracked_meshes(subject, teacher.head_model, all_t).roots.astype(np.float32)
-    write_array(out / ROOTS_FILE, roots)
+    write_npy(out / ROOTS_FILE, roots)
     size = sum((out / f"{m}.npy").stat().st_size for m in MODALITIES) / 1e6
     _log(f"wrote {out} ({size:.1f} MB of data matrices) in {time.time() - start:.1f}s")
     return out

@@ -18,8 +18,6 @@ its exact intersection count, so nothing can overflow.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gem_jax.atomic import write_json
 from gem_jax.metrics import image_metrics
 from gem_jax.render import count_intersections, rasterize, round_capacity
 from gem_jax.teacher import data as tdata
@@ -118,7 +117,5 @@ def evaluate(setup, params, out: Path, step: int | None = None) -> dict:
         text = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "num_images")
         print(f"[teacher] eval {name} ({split}, {images.num} images, {time.time() - start:.1f}s): {text}")
     if write:
-        tmp = out / "eval.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out / "eval.json")
+        write_json(out / "eval.json", result)
     return result
