@@ -10,9 +10,8 @@
 
 #include "blend_cpu.h"
 #include "blend_math.h"
+#include "ffi_blend_args.h"
 #include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
 
 namespace gem {
 namespace {
@@ -46,66 +45,6 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& body) {
   while (counters->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-// Shape checks shared by both handlers; fills the batch size B and per-element sizes.
-struct Sizes {
-  int64_t batch, n, m, tiles;
-};
-
-ffi::Error check_inputs(ffi::Buffer<ffi::F32>& means2d, ffi::Buffer<ffi::F32>& conics,
-                        ffi::Buffer<ffi::F32>& colors, ffi::Buffer<ffi::F32>& opacities,
-                        ffi::Buffer<ffi::F32>& depths, ffi::Buffer<ffi::F32>& background,
-                        ffi::Buffer<ffi::S32>& ids, ffi::Buffer<ffi::S32>& ranges, int width,
-                        int height, Sizes* sz) {
-  if (width <= 0 || height <= 0)
-    return ffi::Error::InvalidArgument("gem blend: width and height must be positive");
-  const auto md = means2d.dimensions();
-  if (md.size() < 2 || md.back() != 2)
-    return ffi::Error::InvalidArgument("gem blend: means2d must have shape (..., N, 2)");
-  const auto id = ids.dimensions();
-  if (id.size() < 1) return ffi::Error::InvalidArgument("gem blend: gaussian_ids must be (..., M)");
-  sz->n = md[md.size() - 2];
-  sz->m = id.back();
-  const int64_t tiles_x = (width + kTileSize - 1) / kTileSize;
-  const int64_t tiles_y = (height + kTileSize - 1) / kTileSize;
-  sz->tiles = tiles_x * tiles_y;
-  sz->batch = 1;
-  for (size_t i = 0; i + 2 < md.size(); ++i) sz->batch *= md[i];
-  const int64_t b = sz->batch, n = sz->n;
-  struct Expect {
-    const char* what;
-    size_t got, want;
-  } expect[] = {
-      {"conics (..., N, 3)", conics.element_count(), static_cast<size_t>(b * n * 3)},
-      {"colors (..., N, 3)", colors.element_count(), static_cast<size_t>(b * n * 3)},
-      {"opacities (..., N)", opacities.element_count(), static_cast<size_t>(b * n)},
-      {"depths (..., N)", depths.element_count(), static_cast<size_t>(b * n)},
-      {"background (..., 3)", background.element_count(), static_cast<size_t>(b * 3)},
-      {"gaussian_ids (..., M)", ids.element_count(), static_cast<size_t>(b * sz->m)},
-      {"tile_ranges (..., ceil(H/16)*ceil(W/16), 2)", ranges.element_count(),
-       static_cast<size_t>(b * sz->tiles * 2)},
-  };
-  for (const Expect& e : expect) {
-    if (e.got != e.want)
-      return ffi::Error::InvalidArgument(std::string("gem blend: ") + e.what + " has " +
-                                         std::to_string(e.got) + " elements, expected " +
-                                         std::to_string(e.want));
-  }
-  return ffi::Error::Success();
-}
-
-Scene make_scene(const Sizes& sz, int64_t b, ffi::Buffer<ffi::F32>& means2d,
-                 ffi::Buffer<ffi::F32>& conics, ffi::Buffer<ffi::F32>& colors,
-                 ffi::Buffer<ffi::F32>& opacities, ffi::Buffer<ffi::F32>& depths,
-                 ffi::Buffer<ffi::F32>& background, ffi::Buffer<ffi::S32>& ids,
-                 ffi::Buffer<ffi::S32>& ranges, int width, int height) {
-  const int64_t n = sz.n;
-  return {means2d.typed_data() + b * n * 2, conics.typed_data() + b * n * 3,
-          colors.typed_data() + b * n * 3,  opacities.typed_data() + b * n,
-          depths.typed_data() + b * n,      background.typed_data() + b * 3,
-          ids.typed_data() + b * sz.m,      ranges.typed_data() + b * sz.tiles * 2,
-          n, sz.m, width, height, (width + kTileSize - 1) / kTileSize};
-}
-
 ffi::Error blend_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> means2d,
                          ffi::Buffer<ffi::F32> conics, ffi::Buffer<ffi::F32> colors,
                          ffi::Buffer<ffi::F32> opacities, ffi::Buffer<ffi::F32> depths,
@@ -119,17 +58,15 @@ ffi::Error blend_forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> means2d,
                                 ranges, width, height, &sz);
   if (err.failure()) return err;
   const int64_t hw = static_cast<int64_t>(width) * height;
-  if (image->element_count() != static_cast<size_t>(sz.batch * hw * 3) ||
-      last->element_count() != static_cast<size_t>(sz.batch * hw))
-    return ffi::Error::InvalidArgument("gem blend: output shapes do not match (H, W)");
+  err = check_forward_outputs(sz, hw, image, last);
+  if (err.failure()) return err;
+  const Scene s0 = make_scene(sz, means2d, conics, colors, opacities, depths, background, ids,
+                              ranges, width, height);
+  const ForwardOut out0{image->typed_data(), alpha->typed_data(), depth->typed_data(),
+                        transmittance->typed_data(), last->typed_data()};
   parallel_for(pool, sz.batch * sz.tiles, [&](int64_t item) {
     const int64_t b = item / sz.tiles, tile = item % sz.tiles;
-    const Scene s = make_scene(sz, b, means2d, conics, colors, opacities, depths, background,
-                               ids, ranges, width, height);
-    const ForwardOut out{image->typed_data() + b * hw * 3, alpha->typed_data() + b * hw,
-                         depth->typed_data() + b * hw, transmittance->typed_data() + b * hw,
-                         last->typed_data() + b * hw};
-    forward_tile(s, tile, out);
+    forward_tile(batch_element(s0, b, sz.tiles), tile, batch_element(out0, b, hw));
   });
   return ffi::Error::Success();
 }
@@ -149,34 +86,27 @@ ffi::Error blend_backward(
                                 ranges, width, height, &sz);
   if (err.failure()) return err;
   const int64_t hw = static_cast<int64_t>(width) * height;
-  if (transmittance.element_count() != static_cast<size_t>(sz.batch * hw) ||
-      last.element_count() != static_cast<size_t>(sz.batch * hw) ||
-      v_image.element_count() != static_cast<size_t>(sz.batch * hw * 3) ||
-      v_alpha.element_count() != static_cast<size_t>(sz.batch * hw) ||
-      v_depth.element_count() != static_cast<size_t>(sz.batch * hw))
-    return ffi::Error::InvalidArgument("gem blend: backward image-shaped inputs do not match");
+  err = check_backward_inputs(sz, hw, transmittance, last, v_image, v_alpha, v_depth);
+  if (err.failure()) return err;
   if (records->element_count() != static_cast<size_t>(sz.batch * sz.m * kGradWidth))
     return ffi::Error::InvalidArgument("gem blend: scratch records must be (..., M, 10)");
-  auto scene = [&](int64_t b) {
-    return make_scene(sz, b, means2d, conics, colors, opacities, depths, background, ids,
-                      ranges, width, height);
-  };
+  const Scene s0 = make_scene(sz, means2d, conics, colors, opacities, depths, background, ids,
+                              ranges, width, height);
+  const BackwardIn in0{transmittance.typed_data(), last.typed_data(), v_image.typed_data(),
+                       v_alpha.typed_data(), v_depth.typed_data()};
   parallel_for(pool, sz.batch * sz.tiles, [&](int64_t item) {
     const int64_t b = item / sz.tiles, tile = item % sz.tiles;
-    const BackwardIn in{transmittance.typed_data() + b * hw, last.typed_data() + b * hw,
-                        v_image.typed_data() + b * hw * 3, v_alpha.typed_data() + b * hw,
-                        v_depth.typed_data() + b * hw};
-    backward_tile(scene(b), in, tile, records->typed_data() + b * sz.m * kGradWidth);
+    backward_tile(batch_element(s0, b, sz.tiles), batch_element(in0, b, hw), tile,
+                  records->typed_data() + b * sz.m * kGradWidth);
   });
   // Gaussian-id chunks: each scans every intersection and keeps its own ids.
   const int64_t chunks = std::clamp<int64_t>(pool.num_threads(), 1, 16);
   parallel_for(pool, sz.batch * chunks, [&](int64_t item) {
     const int64_t b = item / chunks, chunk = item % chunks, n = sz.n;
-    const GaussianGrads out{v_means2d->typed_data() + b * n * 2, v_conics->typed_data() + b * n * 3,
-                            v_colors->typed_data() + b * n * 3, v_opacities->typed_data() + b * n,
-                            v_depths->typed_data() + b * n};
-    reduce_records(scene(b), sz.tiles, records->typed_data() + b * sz.m * kGradWidth,
-                   n * chunk / chunks, n * (chunk + 1) / chunks, out);
+    const GaussianGrads out0{v_means2d->typed_data(), v_conics->typed_data(), v_colors->typed_data(),
+                             v_opacities->typed_data(), v_depths->typed_data()};
+    reduce_records(batch_element(s0, b, sz.tiles), sz.tiles, records->typed_data() + b * sz.m * kGradWidth,
+                   n * chunk / chunks, n * (chunk + 1) / chunks, batch_element(out0, b, n));
   });
   return ffi::Error::Success();
 }

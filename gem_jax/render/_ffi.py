@@ -9,8 +9,14 @@ handlers with ``jax.ffi.register_ffi_target`` and wraps them in a ``jax.custom_v
   (final transmittance and the last contributor of every pixel), its backward walks each
   pixel back to front (3DGS / gsplat) and returns gradients for every float input (``None``
   for the integer tile lists).
-* ``HAS_CPU_KERNEL`` / ``HAS_CUDA_KERNEL`` — what was built and loaded;
-  :func:`build_instructions` / :func:`require_kernel` — the error for a missing backend.
+* :func:`blend_tiles_cuda` — the same through the CUDA kernel (``kernels/blend_cuda.cu``, FFI
+  platform ``CUDA``), and :func:`blend_tiles_cuda_emulated` — that same CUDA source compiled
+  against the SIMT emulator (``kernels/simt_emulator.h``) as a CPU target: a slow test backend
+  that runs the CUDA kernel's own logic without a GPU. The emulator's thread order comes from
+  the environment variable ``GEM_JAX_SIMT_SEED`` (read at every call; default 1).
+* ``HAS_CPU_KERNEL`` / ``HAS_CUDA_KERNEL`` / ``HAS_CUDA_EMULATED_KERNEL`` — what was built and
+  loaded (the CUDA kernel only where jax has a GPU backend); :func:`build_instructions` /
+  :func:`require_kernel` — the error for a missing backend.
 
 ``vmap`` goes through ``vmap_method="broadcast_all"``: the kernels loop over any leading batch
 dimensions themselves (one call for a batch of cameras). ``GEM_JAX_KERNEL_DIR`` points at a
@@ -32,16 +38,19 @@ from jaxtyping import Array, Float, Int
 
 __all__ = [
     "HAS_CPU_KERNEL",
+    "HAS_CUDA_EMULATED_KERNEL",
     "HAS_CUDA_KERNEL",
     "KernelNotBuiltError",
     "blend_tiles_cpu",
+    "blend_tiles_cuda",
+    "blend_tiles_cuda_emulated",
     "build_instructions",
     "require_kernel",
 ]
 
 TILE_SIZE = 16
-_ABI_VERSION = 1  # must equal gem_blend_abi_version() in kernels/blend_cpu.cc
-_PLATFORMS = {"cpu": "cpu", "cuda": "CUDA"}
+_ABI_VERSION = 1  # must equal gem_blend_abi_version() in kernels/ffi_cpu.cc and blend_cuda.cu
+_PLATFORMS = {"cpu": "cpu", "cuda": "CUDA", "cuda_emulated": "cpu"}
 _HANDLERS = {  # backend -> {FFI target name: exported C symbol}
     "cpu": {
         "gem_blend_forward_cpu": "GemBlendForwardCpu",
@@ -51,7 +60,12 @@ _HANDLERS = {  # backend -> {FFI target name: exported C symbol}
         "gem_blend_forward_cuda": "GemBlendForwardCuda",
         "gem_blend_backward_cuda": "GemBlendBackwardCuda",
     },
+    "cuda_emulated": {
+        "gem_blend_forward_cuda_emulated": "GemBlendForwardCudaEmulated",
+        "gem_blend_backward_cuda_emulated": "GemBlendBackwardCudaEmulated",
+    },
 }
+_RECORDS = {"cpu"}  # backends whose backward returns the (M, 10) scratch of gradient records
 _LIBRARIES: dict[str, ctypes.CDLL] = {}  # keeps the loaded libraries alive
 
 
@@ -79,6 +93,16 @@ def _library_file(backend: str) -> tuple[Path | None, str]:
     return gem_jax_kernels.library_path(backend), str(gem_jax_kernels.LIBRARY_DIR)
 
 
+def _jax_gpu_problem() -> str | None:
+    """None when jax has a GPU backend, else why not."""
+    try:
+        if jax.devices("gpu"):
+            return None
+    except RuntimeError as err:
+        return f"{err}".splitlines()[0]
+    return "no GPU devices"
+
+
 def _load(backend: str) -> str | None:
     """Loads and registers one backend; returns None on success, else why it is missing."""
     path, where = _library_file(backend)
@@ -90,6 +114,9 @@ def _load(backend: str) -> str | None:
         version = library.gem_blend_abi_version()
         if version != _ABI_VERSION:
             return f"{path} has kernel ABI {version}, this gem_jax expects {_ABI_VERSION} (stale build)"
+        if _PLATFORMS[backend] == "CUDA" and (gpu_problem := _jax_gpu_problem()) is not None:
+            return (f"{path} is built, but no GPU backend in jax ({gpu_problem}); it needs a CUDA GPU and "
+                    'jax with CUDA support (`pip install "jax[cuda13]"`)')
         for target, symbol in _HANDLERS[backend].items():
             capsule = jax.ffi.pycapsule(getattr(library, symbol))
             jax.ffi.register_ffi_target(target, capsule, platform=_PLATFORMS[backend])
@@ -99,21 +126,22 @@ def _load(backend: str) -> str | None:
     return None
 
 
-_PROBLEMS = {backend: _load(backend) for backend in ("cpu", "cuda")}
+_PROBLEMS = {backend: _load(backend) for backend in ("cpu", "cuda", "cuda_emulated")}
 HAS_CPU_KERNEL: bool = _PROBLEMS["cpu"] is None
 HAS_CUDA_KERNEL: bool = _PROBLEMS["cuda"] is None
+HAS_CUDA_EMULATED_KERNEL: bool = _PROBLEMS["cuda_emulated"] is None
 
 
 def build_instructions(backend: str) -> str:
-    """Why the ``backend`` ("cpu" or "cuda") kernel is unavailable and how to build it."""
+    """Why the ``backend`` ("cpu", "cuda" or "cuda-emulated") kernel is unavailable and how to
+    build it."""
+    backend = backend.replace("-", "_")
     needs = {
         "cpu": "a C++20 compiler and CMake >= 3.24",
         "cuda": "nvcc on PATH (CUDA toolkit) in addition to a C++ compiler",
+        "cuda_emulated": "a C++20 compiler and CMake >= 3.24",
     }[backend]
     problem = _PROBLEMS.get(backend) or "not loaded"
-    if backend == "cuda":
-        problem += ("; note that this version of gem_jax has no CUDA kernel yet (kernels/blend_cuda.cu is "
-                    "not written: no GPU was available to verify one), so on a GPU use backend='reference'")
     return (
         f"The {backend!r} blending kernel is not available ({problem}). It is compiled by the "
         f"package build, which needs {needs}: run `pip install .` (or `pip install -e .`) in "
@@ -125,13 +153,14 @@ def build_instructions(backend: str) -> str:
 
 def require_kernel(backend: str) -> None:
     """Raises :class:`KernelNotBuiltError` unless the ``backend`` kernel is loaded."""
-    if backend not in _PROBLEMS:
-        raise ValueError(f"require_kernel: backend must be 'cpu' or 'cuda', got {backend!r}")
-    if _PROBLEMS[backend] is not None:
-        raise KernelNotBuiltError(build_instructions(backend))
+    key = backend.replace("-", "_")
+    if key not in _PROBLEMS:
+        raise ValueError(f"require_kernel: backend must be 'cpu', 'cuda' or 'cuda-emulated', got {backend!r}")
+    if _PROBLEMS[key] is not None:
+        raise KernelNotBuiltError(build_instructions(key))
 
 
-def _forward_call(width, height, means2d, conics, colors, opacities, depths, background, ids, ranges):
+def _forward_call(kind, width, height, means2d, conics, colors, opacities, depths, background, ids, ranges):
     f32, i32 = jnp.float32, jnp.int32
     shapes = (
         jax.ShapeDtypeStruct((height, width, 3), f32),  # image
@@ -140,28 +169,28 @@ def _forward_call(width, height, means2d, conics, colors, opacities, depths, bac
         jax.ShapeDtypeStruct((height, width), f32),  # final transmittance
         jax.ShapeDtypeStruct((height, width), i32),  # last contributor (1 + index in tile list)
     )
-    call = jax.ffi.ffi_call("gem_blend_forward_cpu", shapes, vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call(f"gem_blend_forward_{kind}", shapes, vmap_method="broadcast_all")
     return call(
         means2d, conics, colors, opacities, depths, background, ids, ranges,
         width=np.int32(width), height=np.int32(height),
     )  # fmt: skip
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _blend(means2d, conics, colors, opacities, depths, background, ids, ranges, width, height):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _blend(means2d, conics, colors, opacities, depths, background, ids, ranges, width, height, kind):
     image, alpha, depth, _, _ = _forward_call(
-        width, height, means2d, conics, colors, opacities, depths, background, ids, ranges
+        kind, width, height, means2d, conics, colors, opacities, depths, background, ids, ranges
     )
     return image, alpha, depth
 
 
-def _blend_fwd(means2d, conics, colors, opacities, depths, background, ids, ranges, width, height):
+def _blend_fwd(means2d, conics, colors, opacities, depths, background, ids, ranges, width, height, kind):
     inputs = (means2d, conics, colors, opacities, depths, background, ids, ranges)
-    image, alpha, depth, transmittance, last = _forward_call(width, height, *inputs)
+    image, alpha, depth, transmittance, last = _forward_call(kind, width, height, *inputs)
     return (image, alpha, depth), (*inputs, transmittance, last)
 
 
-def _blend_bwd(width, height, residuals, cotangents):
+def _blend_bwd(width, height, kind, residuals, cotangents):
     *inputs, transmittance, last = residuals
     means2d, _, _, _, _, _, ids, _ = inputs
     v_image, v_alpha, v_depth = (jnp.asarray(c, jnp.float32) for c in cotangents)
@@ -173,13 +202,14 @@ def _blend_bwd(width, height, residuals, cotangents):
         jax.ShapeDtypeStruct((n, 3), f32),  # v_colors
         jax.ShapeDtypeStruct((n,), f32),  # v_opacities
         jax.ShapeDtypeStruct((n,), f32),  # v_depths
-        jax.ShapeDtypeStruct((m, 10), f32),  # scratch: one gradient record per intersection
     )
-    call = jax.ffi.ffi_call("gem_blend_backward_cpu", shapes, vmap_method="broadcast_all")
-    v_means2d, v_conics, v_colors, v_opacities, v_depths, _ = call(
+    if kind in _RECORDS:  # scratch: one gradient record per intersection
+        shapes += (jax.ShapeDtypeStruct((m, 10), f32),)
+    call = jax.ffi.ffi_call(f"gem_blend_backward_{kind}", shapes, vmap_method="broadcast_all")
+    v_means2d, v_conics, v_colors, v_opacities, v_depths = call(
         *inputs, transmittance, last, v_image, v_alpha, v_depth,
         width=np.int32(width), height=np.int32(height),
-    )  # fmt: skip
+    )[:5]  # fmt: skip
     # d image / d background = final transmittance, per pixel and channel.
     v_background = jnp.einsum("hw,hwc->c", transmittance, v_image)
     return v_means2d, v_conics, v_colors, v_opacities, v_depths, v_background, None, None
@@ -188,9 +218,33 @@ def _blend_bwd(width, height, residuals, cotangents):
 _blend.defvjp(_blend_fwd, _blend_bwd)
 
 
-def _check(name: str, x, shape: tuple[int, ...]) -> None:
+def _check(kind: str, name: str, x, shape: tuple[int, ...]) -> None:
     if tuple(np.shape(x)) != shape:
-        raise ValueError(f"blend_tiles_cpu: {name} must have shape {shape}, got {tuple(np.shape(x))}")
+        raise ValueError(f"blend_tiles_{kind}: {name} must have shape {shape}, got {tuple(np.shape(x))}")
+
+
+def _blend_tiles(kind, means2d, conics, colors, opacities, depths, background, gaussian_ids, tile_ranges,
+                 width, height):
+    """Checks and float32/int32 casts shared by the ``blend_tiles_*`` kernels, then the call."""
+    require_kernel(kind)
+    width, height = int(width), int(height)
+    if width <= 0 or height <= 0:
+        raise ValueError(f"blend_tiles_{kind}: width and height must be positive, got {width}x{height}")
+    n = np.shape(means2d)[0] if np.ndim(means2d) == 2 else -1
+    num_tiles = -(-width // TILE_SIZE) * -(-height // TILE_SIZE)
+    _check(kind, "means2d", means2d, (n, 2))
+    _check(kind, "conics", conics, (n, 3))
+    _check(kind, "colors", colors, (n, 3))
+    _check(kind, "opacities", opacities, (n,))
+    _check(kind, "depths", depths, (n,))
+    _check(kind, "background", background, (3,))
+    if np.ndim(gaussian_ids) != 1:
+        raise ValueError(f"blend_tiles_{kind}: gaussian_ids must have shape (M,), got {np.shape(gaussian_ids)}")
+    _check(kind, "tile_ranges", tile_ranges, (num_tiles, 2))
+    floats = (means2d, conics, colors, opacities, depths, background)
+    floats = tuple(jnp.asarray(x, jnp.float32) for x in floats)
+    ints = (jnp.asarray(gaussian_ids, jnp.int32), jnp.asarray(tile_ranges, jnp.int32))
+    return _blend(*floats, *ints, width, height, kind)
 
 
 def blend_tiles_cpu(
@@ -214,23 +268,48 @@ def blend_tiles_cpu(
     ``ty * ceil(W/16) + tx``; ``width`` and ``height`` static. Returns ``image`` (H, W, 3),
     ``alpha`` (H, W) = 1 - final transmittance and ``depth`` (H, W) (alpha-weighted sum).
     Differentiable in every float input; ``jit`` and ``vmap`` work (batch in one call).
+    Gradients are deterministic (one record per intersection, then a sum in list order).
     """
-    require_kernel("cpu")
-    width, height = int(width), int(height)
-    if width <= 0 or height <= 0:
-        raise ValueError(f"blend_tiles_cpu: width and height must be positive, got {width}x{height}")
-    n = np.shape(means2d)[0] if np.ndim(means2d) == 2 else -1
-    num_tiles = -(-width // TILE_SIZE) * -(-height // TILE_SIZE)
-    _check("means2d", means2d, (n, 2))
-    _check("conics", conics, (n, 3))
-    _check("colors", colors, (n, 3))
-    _check("opacities", opacities, (n,))
-    _check("depths", depths, (n,))
-    _check("background", background, (3,))
-    if np.ndim(gaussian_ids) != 1:
-        raise ValueError(f"blend_tiles_cpu: gaussian_ids must have shape (M,), got {np.shape(gaussian_ids)}")
-    _check("tile_ranges", tile_ranges, (num_tiles, 2))
-    floats = (means2d, conics, colors, opacities, depths, background)
-    floats = tuple(jnp.asarray(x, jnp.float32) for x in floats)
-    ints = (jnp.asarray(gaussian_ids, jnp.int32), jnp.asarray(tile_ranges, jnp.int32))
-    return _blend(*floats, *ints, width, height)
+    args = (means2d, conics, colors, opacities, depths, background, gaussian_ids, tile_ranges)
+    return _blend_tiles("cpu", *args, width, height)
+
+
+def blend_tiles_cuda(
+    means2d: Float[Array, "N 2"],
+    conics: Float[Array, "N 3"],
+    colors: Float[Array, "N 3"],
+    opacities: Float[Array, " N"],
+    depths: Float[Array, " N"],
+    background: Float[Array, " 3"],
+    gaussian_ids: Int[Array, " M"],
+    tile_ranges: Int[Array, "T 2"],
+    width: int,
+    height: int,
+) -> tuple[Float[Array, "H W 3"], Float[Array, "H W"], Float[Array, "H W"]]:
+    """:func:`blend_tiles_cpu`'s contract on a CUDA GPU (``kernels/blend_cuda.cu``, docs/architecture.md §9):
+    one thread block per 16×16 tile; the backward sums each Gaussian's gradient over a warp
+    and adds it with atomics, so gradients agree to float32 rounding between runs, not bit for
+    bit. Needs a GPU backend in jax (``HAS_CUDA_KERNEL``)."""
+    args = (means2d, conics, colors, opacities, depths, background, gaussian_ids, tile_ranges)
+    return _blend_tiles("cuda", *args, width, height)
+
+
+def blend_tiles_cuda_emulated(
+    means2d: Float[Array, "N 2"],
+    conics: Float[Array, "N 3"],
+    colors: Float[Array, "N 3"],
+    opacities: Float[Array, " N"],
+    depths: Float[Array, " N"],
+    background: Float[Array, " 3"],
+    gaussian_ids: Int[Array, " M"],
+    tile_ranges: Int[Array, "T 2"],
+    width: int,
+    height: int,
+) -> tuple[Float[Array, "H W 3"], Float[Array, "H W"], Float[Array, "H W"]]:
+    """:func:`blend_tiles_cuda`'s CUDA source run on the CPU by the SIMT emulator
+    (``kernels/simt_emulator.h``): a **test backend**, slow (every thread of every block is an
+    execution context), for correctness. Blocks and, between barriers, threads run in an order
+    drawn from ``GEM_JAX_SIMT_SEED`` (default 1): the forward is the same for every seed, the
+    gradients agree to float32 rounding (the atomics' order changes)."""
+    args = (means2d, conics, colors, opacities, depths, background, gaussian_ids, tile_ranges)
+    return _blend_tiles("cuda_emulated", *args, width, height)

@@ -9,7 +9,9 @@ static capacity (``tiles.py``) and front-to-back blending by a *backend*:
   autodiff oracle (memory O(N·H·W): tiny scenes only; ignores ``capacity``);
 * ``"cpu"`` / ``"cuda"`` — the compiled kernels of ``gem_jax.render._ffi`` (float32), looked up
   lazily; asking for one that is not built raises :class:`BackendUnavailableError` saying how to
-  build it;
+  build it (``"cuda"`` also needs a GPU backend in jax);
+* ``"cuda-emulated"`` — the CUDA kernel's source run on the CPU by a SIMT emulator: a slow
+  **test backend** for correctness without a GPU, never picked by ``"auto"``;
 * ``"auto"`` — ``"cuda"`` on a GPU or ``"cpu"`` on a CPU when that kernel is built and the inputs
   are float32, else ``"reference"``.
 
@@ -91,13 +93,14 @@ def _ffi_module():
 def _kernel_loader(kind: str) -> Callable[[], Callable]:
     def load():
         ffi, problem = _ffi_module()
-        fn = getattr(ffi, f"blend_tiles_{kind}", None) if ffi is not None else None
-        if ffi is not None and getattr(ffi, f"HAS_{kind.upper()}_KERNEL", False) and fn is not None:
+        name = kind.replace("-", "_")
+        fn = getattr(ffi, f"blend_tiles_{name}", None) if ffi is not None else None
+        if ffi is not None and getattr(ffi, f"HAS_{name.upper()}_KERNEL", False) and fn is not None:
             return fn
         if ffi is not None and hasattr(ffi, "build_instructions"):
             message = ffi.build_instructions(kind)
         else:
-            needs = "a C++ compiler" if kind == "cpu" else "nvcc (the CUDA toolkit) and a C++ compiler"
+            needs = "nvcc (the CUDA toolkit) and a C++ compiler" if kind == "cuda" else "a C++ compiler"
             message = (
                 f"The {kind!r} blending kernel is not available ({problem or 'not built'}). It is "
                 f"compiled by `pip install .` in the gem_jax checkout, which needs {needs}. "
@@ -115,13 +118,15 @@ BLEND_BACKENDS: dict[str, Callable[[], Callable]] = {
     "dense": lambda: reference.blend_dense,
     "cpu": _kernel_loader("cpu"),
     "cuda": _kernel_loader("cuda"),
+    "cuda-emulated": _kernel_loader("cuda-emulated"),
 }
 
 
 def available_backends() -> list[str]:
-    """Backends that can run now, fastest first (e.g. ``["cpu", "reference", "dense"]``)."""
+    """Backends that can run now, fastest first (e.g. ``["cpu", "reference", "dense"]``; the
+    ``"cuda-emulated"`` test backend, when built, last)."""
     names = []
-    for name in ("cuda", "cpu", "reference", "dense"):
+    for name in ("cuda", "cpu", "reference", "dense", "cuda-emulated"):
         try:
             BLEND_BACKENDS[name]()
         except BackendUnavailableError:
@@ -262,7 +267,8 @@ def rasterize(
 
     Differentiable w.r.t. every float input (means, quats, scales, opacities, colors, the camera
     and the background). ``backend`` is ``"auto"``, ``"reference"``, ``"dense"``, ``"cpu"`` or
-    ``"cuda"``; ``capacity`` is the static intersection-buffer length (``None``: exact, eager only).
+    ``"cuda"`` (or the ``"cuda-emulated"`` test backend); ``capacity`` is the static
+    intersection-buffer length (``None``: exact, eager only).
     """
     _check(gaussians, camera, background)
     dtype = jnp.result_type(gaussians.means, gaussians.colors, camera.viewmat)

@@ -26,8 +26,9 @@ def library_file_name(backend: str) -> str:
 
 
 def library_path(backend: str) -> Path | None:
-    """Path of the ``"cpu"`` or ``"cuda"`` blending library, or None if it was not built."""
-    if backend not in ("cpu", "cuda"):
-        raise ValueError(f"library_path: backend must be 'cpu' or 'cuda', got {backend!r}")
+    """Path of the ``"cpu"``, ``"cuda"`` or ``"cuda_emulated"`` blending library, or None if it
+    was not built."""
+    if backend not in ("cpu", "cuda", "cuda_emulated"):
+        raise ValueError(f"library_path: backend must be 'cpu', 'cuda' or 'cuda_emulated', got {backend!r}")
     candidate = LIBRARY_DIR / library_file_name(backend)
     return candidate if candidate.is_file() else None
