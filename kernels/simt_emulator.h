@@ -28,6 +28,10 @@
 // Errors (deadlock, divergence, misuse) abandon the launch and come back as a message from
 // simt::launch, never as an abort.
 //
+// Build shared libraries that include this header with hidden visibility
+// (-fvisibility=hidden -fvisibility-inlines-hidden): its inline functions and thread-local
+// state must not be interposed between two such libraries loaded into one process.
+//
 // Context switches go directly from the thread that reaches a synchronisation point to the
 // next one (the choice is made on the yielding thread's stack); on x86-64 they are a few
 // instructions of assembly (the callee-saved registers; the contexts share the launching
@@ -326,6 +330,10 @@ inline uint64_t Emulator::warp_op(WarpOp op, uint32_t mask, uint64_t value, int 
     fail(std::string(warp_op_name(op)) + " names lanes that do not exist in this block");
   if (lanes & warp_exited_[t.warp])
     fail(std::string(warp_op_name(op)) + " names lanes that have already returned");
+  for (uint32_t m = lanes; m != 0; m &= m - 1) {
+    if (threads_[t.warp * kWarpSize + std::countr_zero(m)].state == State::kBarrier)
+      fail(std::string(warp_op_name(op)) + " names lanes that wait at __syncthreads");
+  }
   t.state = State::kWarp;
   t.op = op;
   t.mask = mask;
