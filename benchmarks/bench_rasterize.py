@@ -3,6 +3,13 @@
     python benchmarks/bench_rasterize.py                       # defaults (~2 min on 2 cores)
     python benchmarks/bench_rasterize.py --sizes 3000@128,16000@512,60000@512 \\
         --backends reference,cpu --repeats 10 --out results.json
+    python benchmarks/bench_rasterize.py --sizes 16000@512,65000@550x802,500000@1920x1080 \\
+        --backends cuda,reference                                # on a GPU (benchmarks/gpu_check.sh)
+
+``--sizes`` items are ``GAUSSIANS@RESOLUTION`` (square) or ``GAUSSIANS@WIDTHxHEIGHT``;
+``--backends`` defaults to every available one except ``dense`` (an oracle for tiny scenes)
+and ``cuda-emulated`` (a test backend: the CUDA kernel run thread by thread on the CPU).
+``--plan`` prints the runs it would make and exits.
 
 The scene is a head-sized shell of Gaussians (an ellipsoid surface with some thickness, as a
 GEM avatar is) seen from the front so that it fills about 60 % of the image; Gaussian sizes
@@ -29,12 +36,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from gem_jax.render import available_backends, count_intersections, rasterize  # noqa: E402
+from gem_jax.render import BLEND_BACKENDS, available_backends, count_intersections, rasterize  # noqa: E402
 from gem_jax.types import Camera, Gaussians  # noqa: E402
 
 
-def head_scene(n: int, resolution: int, seed: int = 0) -> tuple[Gaussians, Camera, jax.Array]:
-    """n Gaussians on an ellipsoidal shell (semi-axes 0.09, 0.12, 0.1 m) seen from 0.6 m."""
+def head_scene(n: int, width: int, seed: int = 0, *, height: int | None = None) -> tuple[Gaussians, Camera, jax.Array]:
+    """n Gaussians on an ellipsoidal shell (semi-axes 0.09, 0.12, 0.1 m) seen from 0.6 m in a
+    width x height image (height = width by default)."""
+    height = width if height is None else height
     rng = np.random.default_rng(seed)
     axes = np.array([0.09, 0.12, 0.10])
     d = rng.normal(size=(n, 3))
@@ -52,9 +61,9 @@ def head_scene(n: int, resolution: int, seed: int = 0) -> tuple[Gaussians, Camer
     )  # fmt: skip
     viewmat = np.eye(4)
     viewmat[2, 3] = 0.6  # the head's centre 0.6 m in front of the camera
-    f = resolution / (2 * np.tan(np.deg2rad(14)))  # ~28° field of view: the head fills ~60 %
-    K = np.array([[f, 0, resolution / 2], [0, f, resolution / 2], [0, 0, 1]])
-    cam = Camera(jnp.asarray(viewmat, jnp.float32), jnp.asarray(K, jnp.float32), resolution, resolution)
+    f = min(width, height) / (2 * np.tan(np.deg2rad(14)))  # ~28° field of view on the short side
+    K = np.array([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1]])
+    cam = Camera(jnp.asarray(viewmat, jnp.float32), jnp.asarray(K, jnp.float32), width, height)
     return g, cam, jnp.ones(3, jnp.float32)
 
 
@@ -73,11 +82,11 @@ def timed(fn, args, warmup: int, repeats: int) -> tuple[float, float, float]:
     return first, statistics.median(times), min(times)
 
 
-def bench_one(n: int, resolution: int, backend: str, warmup: int, repeats: int, seed: int) -> dict:
-    g, cam, bg = head_scene(n, resolution, seed)
+def bench_one(n: int, width: int, height: int, backend: str, warmup: int, repeats: int, seed: int) -> dict:
+    g, cam, bg = head_scene(n, width, seed, height=height)
     total = count_intersections(g, cam)
     capacity = int(total * 1.1) + 256
-    weights = jnp.asarray(np.random.default_rng(1).normal(size=(resolution, resolution, 3)), jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(height, width, 3)), jnp.float32)
 
     def render(g):
         return rasterize(g, cam, bg, backend=backend, capacity=capacity)
@@ -92,7 +101,7 @@ def bench_one(n: int, resolution: int, backend: str, warmup: int, repeats: int, 
     compile_f, t_f, min_f = timed(forward, (g,), warmup, repeats)
     compile_b, t_b, min_b = timed(backward, (g,), warmup, repeats)
     return {
-        "gaussians": n, "resolution": resolution, "backend": backend,
+        "gaussians": n, "width": width, "height": height, "backend": backend,
         "ms_forward": 1e3 * t_f, "ms_forward_backward": 1e3 * t_b,
         "ms_forward_min": 1e3 * min_f, "ms_forward_backward_min": 1e3 * min_b,
         "s_compile_forward": compile_f, "s_compile_forward_backward": compile_b,
@@ -101,39 +110,63 @@ def bench_one(n: int, resolution: int, backend: str, warmup: int, repeats: int, 
     }  # fmt: skip
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
+def parse_sizes(text: str) -> list[tuple[int, int, int]]:
+    """``"16000@512,500000@1920x1080"`` → ``[(16000, 512, 512), (500000, 1920, 1080)]``."""
     sizes = []
     for item in text.split(","):
-        n, _, res = item.partition("@")
+        n, _, res = item.strip().partition("@")
+        width, x, height = res.lower().partition("x")
         try:
-            sizes.append((int(float(n)), int(res)))
+            size = (int(float(n)), int(width), int(height if x else width))
         except ValueError:
-            raise SystemExit(f"--sizes: expected items like 16000@512, got {item!r}") from None
+            raise SystemExit(f"--sizes: expected items like 16000@512 or 65000@550x802, got {item!r}") from None
+        if min(size) <= 0:
+            raise SystemExit(f"--sizes: Gaussians and image sizes must be positive, got {item!r}")
+        sizes.append(size)
     return sizes
+
+
+#: Backends benchmarked by default: every available one but the dense oracle and the
+#: cuda-emulated test backend.
+NOT_BENCHMARKED = ("dense", "cuda-emulated")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="3000@128,16000@512", help="comma list of GAUSSIANS@RESOLUTION")
-    parser.add_argument("--backends", default="", help="comma list (default: every available one but 'dense')")
+    parser.add_argument("--backends", default="",
+                        help="comma list (default: every available one but 'dense' and 'cuda-emulated')")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_rasterize.json", help="JSON output path")
+    parser.add_argument("--plan", action="store_true", help="print the runs and exit")
     args = parser.parse_args(argv)
-    backends = args.backends.split(",") if args.backends else [b for b in available_backends() if b != "dense"]
+    sizes = parse_sizes(args.sizes)
+    if args.backends:
+        backends = args.backends.split(",")
+        unknown = sorted(set(backends) - set(BLEND_BACKENDS))
+        if unknown:
+            raise SystemExit(f"--backends: unknown {unknown}; known: {sorted(BLEND_BACKENDS)}")
+    else:
+        backends = [b for b in available_backends() if b not in NOT_BENCHMARKED]
+    if args.plan:
+        for n, width, height in sizes:
+            print(f"{n} Gaussians @ {width}x{height}: {', '.join(backends)}")
+        return 0
     print(f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or platform.machine()}), "
           f"backends {backends}")  # fmt: skip
-    columns = [("Gaussians", 9), ("res", 5), ("backend", 9), ("fwd ms", 9), ("fwd+bwd ms", 11),
+    columns = [("Gaussians", 9), ("image", 9), ("backend", 9), ("fwd ms", 9), ("fwd+bwd ms", 11),
                ("compile s", 10), ("isect", 8), ("cover", 6)]  # fmt: skip
     header = " ".join(f"{name:>{width}}" for name, width in columns)
     print(header + "\n" + "-" * len(header))
     rows = []
-    for n, res in parse_sizes(args.sizes):
+    for n, width, height in sizes:
         for backend in backends:
-            r = bench_one(n, res, backend, args.warmup, args.repeats, args.seed)
+            r = bench_one(n, width, height, backend, args.warmup, args.repeats, args.seed)
             rows.append(r)
-            print(f"{n:>9} {res:>5} {backend:>9} {r['ms_forward']:>9.1f} {r['ms_forward_backward']:>11.1f} "
+            image = f"{width}x{height}"
+            print(f"{n:>9} {image:>9} {backend:>9} {r['ms_forward']:>9.1f} {r['ms_forward_backward']:>11.1f} "
                   f"{r['s_compile_forward'] + r['s_compile_forward_backward']:>10.1f} {r['intersections']:>8} "
                   f"{r['coverage']:>6.2f}", flush=True)  # fmt: skip
     meta = {"jax": jax.__version__, "platform": jax.default_backend(), "device": str(jax.devices()[0]),

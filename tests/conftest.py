@@ -43,3 +43,23 @@ def distilled_workdir(tmp_path_factory):
     for stage in ("data", "teacher", "collect", "pca"):
         train.run(config, workdir, stage)
     return config, workdir
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` (pyproject) are skipped unless jax has a GPU backend. conftest
+    makes JAX_PLATFORMS default to cpu: on a GPU machine run them with JAX_PLATFORMS=cuda,cpu
+    (benchmarks/gpu_check.sh does)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import jax
+
+    try:
+        reason = None if jax.devices("gpu") else "jax has no GPU devices"
+    except RuntimeError as err:
+        reason = f"no GPU backend in jax ({str(err).splitlines()[0]})"
+    if reason is not None:
+        skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {reason}; on a GPU machine set JAX_PLATFORMS=cuda,cpu")
+        for item in gpu_items:
+            item.add_marker(skip)
+
