@@ -19,8 +19,9 @@
 //
 // Backward (3DGS / gsplat): each pixel walks back to front from its last contributor,
 // un-blending T and accumulating the colour/depth behind; each Gaussian's 10 gradient terms
-// are summed over the 32 pixels of a warp with __shfl_down_sync and added to the outputs
-// with one atomicAdd per term per warp (warps where no pixel hits skip it: __any_sync).
+// are summed over the 32 pixels of a warp (a reduce-scatter of __shfl_xor_sync) and added to
+// the outputs with one atomicAdd per term per warp, from 10 different lanes (warps where no
+// pixel hits the Gaussian skip all of it: __any_sync).
 // The order of those atomic additions varies from run to run: gradients are equal to
 // float32 rounding, not bit-identical (docs/decisions.md, "CUDA blending kernel").
 //
@@ -164,9 +165,44 @@ __device__ __forceinline__ int block_max(int v, int* scratch) {
   return best;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(kFullMask, v, offset);
-  return v;
+// One step of warp_reduce_scatter: keep values [0, kHalf) or [kHalf, 2 kHalf) (by lane bit
+// 2 kHalf), plus the partner lane's copy of them, in v[0, kHalf).
+template <int kHalf>
+__device__ __forceinline__ void reduce_scatter_step(float (&v)[16], int lane, int* term) {
+  const bool upper = (lane & (2 * kHalf)) != 0;
+#pragma unroll
+  for (int i = 0; i < kHalf; ++i) {
+    const float keep = upper ? v[kHalf + i] : v[i];
+    const float send = upper ? v[i] : v[kHalf + i];
+    v[i] = keep + __shfl_xor_sync(kFullMask, send, 2 * kHalf);
+  }
+  *term += upper ? kHalf : 0;
+}
+
+// Sums each of 16 values (the kGradWidth gradient terms, zero-padded) over the 32 lanes of a
+// warp by a butterfly reduce-scatter: at each step a lane keeps half of its values, adds the
+// partner's copy of that half (__shfl_xor_sync) and drops the other half, so 8+4+2+1+1 = 16
+// shuffles instead of 16 x 5 for one tree per value. Afterwards lanes 2t and 2t + 1 hold the
+// warp's sum of value t in v[0]; returns t.
+__device__ __forceinline__ int warp_reduce_scatter(float (&v)[16], int lane) {
+  int term = 0;
+  reduce_scatter_step<8>(v, lane, &term);
+  reduce_scatter_step<4>(v, lane, &term);
+  reduce_scatter_step<2>(v, lane, &term);
+  reduce_scatter_step<1>(v, lane, &term);
+  v[0] += __shfl_xor_sync(kFullMask, v[0], 1);
+  return term;
+}
+
+// Where gradient term t (GradSlot) of Gaussian `id` is accumulated.
+__device__ __forceinline__ float* grad_address(const GaussianGrads& out, int64_t id, int t) {
+  switch (t) {
+    case kGradMeanX: case kGradMeanY: return out.v_means2d + 2 * id + (t - kGradMeanX);
+    case kGradConicA: case kGradConicB: case kGradConicC: return out.v_conics + 3 * id + (t - kGradConicA);
+    case kGradColorR: case kGradColorG: case kGradColorB: return out.v_colors + 3 * id + (t - kGradColorR);
+    case kGradOpacity: return out.v_opacities + id;
+    default: return out.v_depths + id;  // kGradDepth
+  }
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -216,21 +252,11 @@ __global__ void __launch_bounds__(kThreads)
         S[2] += w * st.cb[j];
         S[3] += w * st.z[j];
       }
-      float sum[kGradWidth];
-      for (int t = 0; t < kGradWidth; ++t) sum[t] = warp_sum(hit ? g[t] : 0.0f);
-      if (tid % 32 == 0) {
-        const int64_t id = st.id[j];
-        atomicAdd(out.v_means2d + 2 * id, sum[kGradMeanX]);
-        atomicAdd(out.v_means2d + 2 * id + 1, sum[kGradMeanY]);
-        atomicAdd(out.v_conics + 3 * id, sum[kGradConicA]);
-        atomicAdd(out.v_conics + 3 * id + 1, sum[kGradConicB]);
-        atomicAdd(out.v_conics + 3 * id + 2, sum[kGradConicC]);
-        atomicAdd(out.v_colors + 3 * id, sum[kGradColorR]);
-        atomicAdd(out.v_colors + 3 * id + 1, sum[kGradColorG]);
-        atomicAdd(out.v_colors + 3 * id + 2, sum[kGradColorB]);
-        atomicAdd(out.v_opacities + id, sum[kGradOpacity]);
-        atomicAdd(out.v_depths + id, sum[kGradDepth]);
-      }
+      float sum[16];
+      for (int t = 0; t < kGradWidth; ++t) sum[t] = hit ? g[t] : 0.0f;
+      for (int t = kGradWidth; t < 16; ++t) sum[t] = 0.0f;
+      const int lane = tid % 32, term = warp_reduce_scatter(sum, lane);
+      if (lane % 2 == 0 && term < kGradWidth) atomicAdd(grad_address(out, st.id[j], term), sum[0]);
     }
   }
 }
