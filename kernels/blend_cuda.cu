@@ -410,44 +410,10 @@ GEM_EXPORT XLA_FFI_Error* GEM_HANDLER(GemBlendForward)(XLA_FFI_CallFrame* call_f
 GEM_EXPORT XLA_FFI_Error* GEM_HANDLER(GemBlendBackward)(XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GEM_HANDLER(GemBlendForward), gem::cuda::blend_forward,
-                              GEM_BIND()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // means2d
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // conics
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // colors
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // opacities
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // depths
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // background
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // gaussian_ids
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // tile_ranges
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // image
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // alpha
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // depth
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // final transmittance
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // last contributor
-                                  .Attr<int32_t>("width")
-                                  .Attr<int32_t>("height"),
+                              gem::bind_sizes(gem::bind_forward_results(gem::bind_inputs(GEM_BIND()))),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GEM_HANDLER(GemBlendBackward), gem::cuda::blend_backward,
-                              GEM_BIND()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // means2d
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // conics
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // colors
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // opacities
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // depths
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // background
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // gaussian_ids
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // tile_ranges
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // final transmittance
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // last contributor
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_image
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_alpha
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_depth
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // v_means2d
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // v_conics
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // v_colors
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // v_opacities
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // v_depths
-                                  .Attr<int32_t>("width")
-                                  .Attr<int32_t>("height"),
+                              gem::bind_sizes(gem::bind_gradient_results(
+                                  gem::bind_backward_inputs(gem::bind_inputs(GEM_BIND())))),
                               {ffi::Traits::kCmdBufferCompatible});

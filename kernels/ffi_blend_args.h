@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "blend_cpu.h"  // Scene, ForwardOut, BackwardIn, GaussianGrads
 #include "blend_math.h"
@@ -123,6 +124,54 @@ inline Scene make_scene(const Sizes& sz, ffi::Buffer<ffi::F32>& means2d, ffi::Bu
           ids.typed_data(),     ranges.typed_data(),     sz.n,
           sz.m,                 width,                   height,
           (width + kTileSize - 1) / kTileSize};
+}
+
+// --- operand lists of the handlers' ffi::Ffi::Bind() chains, in order ----------------------
+// forward:  bind_sizes(bind_forward_results(bind_inputs(Bind().Ctx<...>())))
+// backward: bind_sizes(bind_gradient_results(bind_backward_inputs(bind_inputs(...))) [+ Ret])
+
+template <typename B>
+auto bind_inputs(B b) {
+  return std::move(b).template Arg<ffi::Buffer<ffi::F32>>()  // means2d
+      .template Arg<ffi::Buffer<ffi::F32>>()                 // conics
+      .template Arg<ffi::Buffer<ffi::F32>>()                 // colors
+      .template Arg<ffi::Buffer<ffi::F32>>()                 // opacities
+      .template Arg<ffi::Buffer<ffi::F32>>()                 // depths
+      .template Arg<ffi::Buffer<ffi::F32>>()                 // background
+      .template Arg<ffi::Buffer<ffi::S32>>()                 // gaussian_ids
+      .template Arg<ffi::Buffer<ffi::S32>>();                // tile_ranges
+}
+
+template <typename B>
+auto bind_forward_results(B b) {
+  return std::move(b).template Ret<ffi::Buffer<ffi::F32>>()  // image
+      .template Ret<ffi::Buffer<ffi::F32>>()                 // alpha
+      .template Ret<ffi::Buffer<ffi::F32>>()                 // depth
+      .template Ret<ffi::Buffer<ffi::F32>>()                 // final transmittance
+      .template Ret<ffi::Buffer<ffi::S32>>();                // last contributor
+}
+
+template <typename B>
+auto bind_backward_inputs(B b) {
+  return std::move(b).template Arg<ffi::Buffer<ffi::F32>>()  // final transmittance
+      .template Arg<ffi::Buffer<ffi::S32>>()                 // last contributor
+      .template Arg<ffi::Buffer<ffi::F32>>()                 // v_image
+      .template Arg<ffi::Buffer<ffi::F32>>()                 // v_alpha
+      .template Arg<ffi::Buffer<ffi::F32>>();                // v_depth
+}
+
+template <typename B>
+auto bind_gradient_results(B b) {
+  return std::move(b).template Ret<ffi::Buffer<ffi::F32>>()  // v_means2d
+      .template Ret<ffi::Buffer<ffi::F32>>()                 // v_conics
+      .template Ret<ffi::Buffer<ffi::F32>>()                 // v_colors
+      .template Ret<ffi::Buffer<ffi::F32>>()                 // v_opacities
+      .template Ret<ffi::Buffer<ffi::F32>>();                // v_depths
+}
+
+template <typename B>
+auto bind_sizes(B b) {
+  return std::move(b).template Attr<int32_t>("width").template Attr<int32_t>("height");
 }
 
 }  // namespace gem

@@ -661,21 +661,24 @@ T atomicCAS(T* address, T compare, T value) {
   std::atomic_ref<T>(*address).compare_exchange_strong(compare, value, std::memory_order_relaxed);
   return compare;
 }
-template <typename T>
-T atomicMax(T* address, T value) {
+namespace simt::detail {
+// Stores `value` at `address` while replace(old, value) holds; returns the old value.
+template <typename T, typename Replace>
+T atomic_replace_if(T* address, T value, Replace replace) {
   std::atomic_ref<T> ref(*address);
   T old = ref.load(std::memory_order_relaxed);
-  while (old < value && !ref.compare_exchange_weak(old, value, std::memory_order_relaxed)) {
+  while (replace(old, value) && !ref.compare_exchange_weak(old, value, std::memory_order_relaxed)) {
   }
   return old;
 }
+}  // namespace simt::detail
+template <typename T>
+T atomicMax(T* address, T value) {
+  return simt::detail::atomic_replace_if(address, value, [](T old, T v) { return old < v; });
+}
 template <typename T>
 T atomicMin(T* address, T value) {
-  std::atomic_ref<T> ref(*address);
-  T old = ref.load(std::memory_order_relaxed);
-  while (value < old && !ref.compare_exchange_weak(old, value, std::memory_order_relaxed)) {
-  }
-  return old;
+  return simt::detail::atomic_replace_if(address, value, [](T old, T v) { return v < old; });
 }
 
 template <typename T>

@@ -247,19 +247,33 @@ def _blend_tiles(kind, means2d, conics, colors, opacities, depths, background, g
     return _blend(*floats, *ints, width, height, kind)
 
 
-def blend_tiles_cpu(
-    means2d: Float[Array, "N 2"],
-    conics: Float[Array, "N 3"],
-    colors: Float[Array, "N 3"],
-    opacities: Float[Array, " N"],
-    depths: Float[Array, " N"],
-    background: Float[Array, " 3"],
-    gaussian_ids: Int[Array, " M"],
-    tile_ranges: Int[Array, "T 2"],
-    width: int,
-    height: int,
-) -> tuple[Float[Array, "H W 3"], Float[Array, "H W"], Float[Array, "H W"]]:
-    """Front-to-back alpha blending of 16x16 tiles with the C++ CPU kernel (DESIGN §9).
+def _blend_function(kind: str, doc: str):
+    """The public ``blend_tiles_<kind>``: ``reference.blend_tiles``'s signature, through the
+    ``kind`` kernel (checks and casts in :func:`_blend_tiles`)."""
+
+    def blend_tiles(
+        means2d: Float[Array, "N 2"],
+        conics: Float[Array, "N 3"],
+        colors: Float[Array, "N 3"],
+        opacities: Float[Array, " N"],
+        depths: Float[Array, " N"],
+        background: Float[Array, " 3"],
+        gaussian_ids: Int[Array, " M"],
+        tile_ranges: Int[Array, "T 2"],
+        width: int,
+        height: int,
+    ) -> tuple[Float[Array, "H W 3"], Float[Array, "H W"], Float[Array, "H W"]]:
+        args = (means2d, conics, colors, opacities, depths, background, gaussian_ids, tile_ranges)
+        return _blend_tiles(kind, *args, width, height)
+
+    blend_tiles.__name__ = blend_tiles.__qualname__ = f"blend_tiles_{kind}"
+    blend_tiles.__doc__ = doc
+    return blend_tiles
+
+
+blend_tiles_cpu = _blend_function(
+    "cpu",
+    """Front-to-back alpha blending of 16x16 tiles with the C++ CPU kernel (docs/architecture.md §9).
 
     Same contract as ``reference.blend_tiles``: ``means2d`` pixel coordinates (N, 2),
     ``conics`` (a, b, c) of the inverse 2D covariance (N, 3), ``colors`` (N, 3),
@@ -269,47 +283,22 @@ def blend_tiles_cpu(
     ``alpha`` (H, W) = 1 - final transmittance and ``depth`` (H, W) (alpha-weighted sum).
     Differentiable in every float input; ``jit`` and ``vmap`` work (batch in one call).
     Gradients are deterministic (one record per intersection, then a sum in list order).
-    """
-    args = (means2d, conics, colors, opacities, depths, background, gaussian_ids, tile_ranges)
-    return _blend_tiles("cpu", *args, width, height)
+    """,
+)
 
+blend_tiles_cuda = _blend_function(
+    "cuda",
+    """:func:`blend_tiles_cpu`'s contract on a CUDA GPU (``kernels/blend_cuda.cu``,
+    docs/architecture.md §9): one thread block per 16×16 tile; the backward sums each Gaussian's
+    gradient over a warp and adds it with atomics, so gradients agree to float32 rounding between
+    runs, not bit for bit. Needs a GPU backend in jax (``HAS_CUDA_KERNEL``).""",
+)
 
-def blend_tiles_cuda(
-    means2d: Float[Array, "N 2"],
-    conics: Float[Array, "N 3"],
-    colors: Float[Array, "N 3"],
-    opacities: Float[Array, " N"],
-    depths: Float[Array, " N"],
-    background: Float[Array, " 3"],
-    gaussian_ids: Int[Array, " M"],
-    tile_ranges: Int[Array, "T 2"],
-    width: int,
-    height: int,
-) -> tuple[Float[Array, "H W 3"], Float[Array, "H W"], Float[Array, "H W"]]:
-    """:func:`blend_tiles_cpu`'s contract on a CUDA GPU (``kernels/blend_cuda.cu``, docs/architecture.md §9):
-    one thread block per 16×16 tile; the backward sums each Gaussian's gradient over a warp
-    and adds it with atomics, so gradients agree to float32 rounding between runs, not bit for
-    bit. Needs a GPU backend in jax (``HAS_CUDA_KERNEL``)."""
-    args = (means2d, conics, colors, opacities, depths, background, gaussian_ids, tile_ranges)
-    return _blend_tiles("cuda", *args, width, height)
-
-
-def blend_tiles_cuda_emulated(
-    means2d: Float[Array, "N 2"],
-    conics: Float[Array, "N 3"],
-    colors: Float[Array, "N 3"],
-    opacities: Float[Array, " N"],
-    depths: Float[Array, " N"],
-    background: Float[Array, " 3"],
-    gaussian_ids: Int[Array, " M"],
-    tile_ranges: Int[Array, "T 2"],
-    width: int,
-    height: int,
-) -> tuple[Float[Array, "H W 3"], Float[Array, "H W"], Float[Array, "H W"]]:
+blend_tiles_cuda_emulated = _blend_function(
+    "cuda_emulated",
     """:func:`blend_tiles_cuda`'s CUDA source run on the CPU by the SIMT emulator
     (``kernels/simt_emulator.h``): a **test backend**, slow (every thread of every block is an
     execution context), for correctness. Blocks and, between barriers, threads run in an order
     drawn from ``GEM_JAX_SIMT_SEED`` (default 1): the forward is the same for every seed, the
-    gradients agree to float32 rounding (the atomics' order changes)."""
-    args = (means2d, conics, colors, opacities, depths, background, gaussian_ids, tile_ranges)
-    return _blend_tiles("cuda_emulated", *args, width, height)
+    gradients agree to float32 rounding (the atomics' order changes).""",
+)
