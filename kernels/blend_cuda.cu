@@ -29,6 +29,7 @@
 // XLA's stream, so they are safe in CUDA graphs (declared kCmdBufferCompatible); errors come
 // back as ffi::Error.
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -283,8 +284,12 @@ ffi::Error zero_fill(float* data, size_t count, Stream&) {
 template <typename... Params>
 ffi::Error launch(void (*kernel)(Params...), dim3 grid, dim3 block, Stream&,
                   typename Exactly<Params>::type... args) {
-  const std::string error =
-      simt::launch(grid, block, simt::seed_from_env(kSeedVariable, 1), kernel, args...);
+  uint64_t seed;
+  if (!simt::seed_from_env(kSeedVariable, 1, &seed))
+    return ffi::Error::InvalidArgument(std::string("gem blend (cuda-emulated): ") + kSeedVariable +
+                                       " must be an unsigned integer (decimal or 0x-hex), got '" +
+                                       std::getenv(kSeedVariable) + "'");
+  const std::string error = simt::launch(grid, block, seed, kernel, args...);
   if (!error.empty()) return ffi::Error::Internal("gem blend (cuda-emulated): " + error);
   return ffi::Error::Success();
 }

@@ -44,6 +44,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <bit>
 #include <cstdint>
 #include <cstdio>
@@ -558,13 +559,20 @@ std::string launch(dim3 grid, dim3 block, uint64_t seed, void (*kernel)(Params..
   return detail::thread_emulator().run(grid, block, seed, {&Closure::call, &closure});
 }
 
-// The seed of the environment variable `name` (decimal or 0x-hex), else `fallback`.
-inline uint64_t seed_from_env(const char* name, uint64_t fallback) {
+// The seed in the environment variable `name` (decimal or 0x-hex) into *seed, `fallback` when
+// it is unset or empty; false (with *seed untouched) when it is not such a number.
+inline bool seed_from_env(const char* name, uint64_t fallback, uint64_t* seed) {
   const char* text = std::getenv(name);
-  if (text == nullptr || *text == '\0') return fallback;
+  if (text == nullptr || *text == '\0') {
+    *seed = fallback;
+    return true;
+  }
   char* end = nullptr;
+  errno = 0;
   const unsigned long long v = std::strtoull(text, &end, 0);
-  return (end != nullptr && *end == '\0') ? static_cast<uint64_t>(v) : fallback;
+  if (errno != 0 || end == text || *end != '\0' || *text == '-') return false;
+  *seed = static_cast<uint64_t>(v);
+  return true;
 }
 
 }  // namespace simt

@@ -114,6 +114,13 @@ def test_forward_is_bit_identical_under_two_seeds(monkeypatch):
             np.testing.assert_array_equal(a, b)
 
 
+def test_a_bad_seed_is_an_error_naming_the_variable(monkeypatch):
+    args, width, height, _ = scene_args("odd-size")
+    monkeypatch.setenv(SEED_VARIABLE, "twelve")
+    with pytest.raises(Exception, match=f"{SEED_VARIABLE} must be an unsigned integer"):
+        jax.block_until_ready(_ffi.blend_tiles_cuda_emulated(*args, width, height))
+
+
 @pytest.mark.parametrize(
     "field,index,bad", [("means2d", (3, 0), np.nan), ("conics", (5, 1), np.inf), ("opacities", (7,), np.nan)]
 )
