@@ -98,7 +98,7 @@ def _jax_gpu_problem() -> str | None:
     try:
         if jax.devices("gpu"):
             return None
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:  # no such backend, or it failed to initialise
         return f"{err}".splitlines()[0]
     return "no GPU devices"
 
