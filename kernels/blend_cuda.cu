@@ -171,8 +171,7 @@ __device__ __forceinline__ int block_max(int v, int* scratch) {
 template <int kHalf>
 __device__ __forceinline__ void reduce_scatter_step(float (&v)[16], int lane, int* term) {
   const bool upper = (lane & (2 * kHalf)) != 0;
-#pragma unroll
-  for (int i = 0; i < kHalf; ++i) {
+  for (int i = 0; i < kHalf; ++i) {  // a constant trip count: unrolled, v stays in registers
     const float keep = upper ? v[kHalf + i] : v[i];
     const float send = upper ? v[i] : v[kHalf + i];
     v[i] = keep + __shfl_xor_sync(kFullMask, send, 2 * kHalf);
