@@ -1,4 +1,4 @@
-"""``gem_jax.load(workdir)`` — a trained avatar as a Python object (DESIGN §1).
+"""``gem_jax.load(workdir)`` — a trained avatar as a Python object (docs/architecture.md §1).
 
     import gem_jax
     avatar = gem_jax.load("runs/q")                 # the refined GEM (else the PCA-only one)
@@ -32,19 +32,18 @@ class Avatar:
     """A distilled avatar: the GEM, the subject's cameras and training coefficients (module docstring)."""
 
     def __init__(self, workdir: Path, model: GEM, stage: str):
-        from gem_jax.data.subject import load_subject
+        from gem_jax.context import StageContext
         from gem_jax.eigen.workdir import load_pca_coefficients, load_roots
+        from gem_jax.regress.inference import neutral_timestep
 
         self.workdir, self.model, self.stage = workdir, model, stage
         self._coeffs = load_pca_coefficients(workdir)
         self.roots = load_roots(workdir)
-        data = workdir / "data"
+        self.context = StageContext.from_workdir(workdir)  # the run's subject, also a real capture's
         self.cameras: dict[int, Camera] = {}
         self.neutral_pose = self.roots[int(self._coeffs.timesteps[0])]
-        if data.is_dir():
-            from gem_jax.regress.train import neutral_timestep
-
-            subject = load_subject(data)
+        if self.context.subject_dir.is_dir():
+            subject = self.context.subject
             for split in ("train", "val", "test"):
                 self.cameras.update(subject.cameras(split))
             self.cameras = dict(sorted(self.cameras.items()))
@@ -83,13 +82,11 @@ class Avatar:
 
     def predict(self, crops: np.ndarray, neutral: int = 0) -> np.ndarray:
         """``(F, ΣK)`` coefficients of face crops ``(F, S, S, 3)`` relative to crop ``neutral``."""
-        from gem_jax.regress.features import make_extractor
-        from gem_jax.regress.model import load_regressor
-        from gem_jax.regress.train import REGRESSOR_FILE, predict
+        from gem_jax.regress.inference import REGRESSOR_FILE, TrainedRegressor
 
-        pca, net, params, extra = load_regressor(self.workdir / "regress" / REGRESSOR_FILE)
-        feats = make_extractor(str(extra["features"]), crop_size=int(extra["crop_size"]))(crops)
-        return predict(net, params, pca, feats - feats[neutral])
+        regressor = TrainedRegressor.load(self.workdir / "regress" / REGRESSOR_FILE)
+        feats = regressor.extractor()(crops)
+        return regressor.predict(feats - feats[neutral])
 
     def __repr__(self) -> str:
         return f"Avatar({self.workdir}, {self.stage}: {self.model.summary().splitlines()[0]})"

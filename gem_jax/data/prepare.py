@@ -10,7 +10,7 @@
 
 Each folder is written into a temporary sibling and renamed into place, so a folder that
 exists is complete. It carries ``synthetic_manifest.json`` (the generator settings); a folder
-whose manifest matches the config is kept (``force`` regenerates), one whose settings differ
+whose manifest matches the config is kept (``--force data`` removes it first), one whose settings differ
 is regenerated, and a folder without a manifest (not ours) is an error rather than overwritten.
 """
 
@@ -26,9 +26,9 @@ MANIFEST = "synthetic_manifest.json"
 GENERATOR_VERSION = 1
 
 
-def _manifest(config, identity: int, sequences: str) -> dict:
-    manifest = {"generator": "gem_jax.data.synthetic", "version": GENERATOR_VERSION, "seed": int(config.seed),
-                "identity": int(identity), "sequences": sequences, "synthetic": config.synthetic.to_dict()}
+def _manifest(syn, seed: int, identity: int, sequences: str) -> dict:
+    manifest = {"generator": "gem_jax.data.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
+                "identity": int(identity), "sequences": sequences, "synthetic": syn.to_dict()}
     return json.loads(json.dumps(manifest))  # as it reads back (tuples → lists)
 
 
@@ -39,14 +39,14 @@ def _read_manifest(folder: Path) -> dict | None:
         return None
 
 
-def _generate(folder: Path, manifest: dict, force: bool, write) -> tuple[bool, dict | None]:
+def _generate(folder: Path, manifest: dict, write) -> tuple[bool, dict | None]:
     """Write ``folder`` atomically with ``write(tmp_folder) -> summary`` unless it is up to date."""
     if folder.exists():
         current = _read_manifest(folder)
         if current is None:
             raise FileExistsError(f"{folder} exists but has no {MANIFEST}: not written by the synthetic generator; "
                                   f"move it away or set --config.data.subject_dir={folder}")
-        if {k: v for k, v in current.items() if k != "summary"} == manifest and not force:
+        if {k: v for k, v in current.items() if k != "summary"} == manifest:
             return False, current.get("summary")
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,11 +64,6 @@ def _generate(folder: Path, manifest: dict, force: bool, write) -> tuple[bool, d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return True, summary
-
-
-def subject_dir(config, workdir: str | os.PathLike) -> Path:
-    """The subject folder every stage reads: ``config.data.subject_dir``, or ``<workdir>/data``."""
-    return Path(config.data.subject_dir) if config.data.subject_dir else Path(workdir) / "data"
 
 
 def _describe(name: str, folder: Path, summary: dict | None, seconds: float | None) -> str:
@@ -91,28 +86,28 @@ def _summarise_subject(subject_dir: str) -> None:
     print(f"[data] subject {subject_dir}: loaded in {time.time() - start:.1f}s: {text[:500]}")
 
 
-def run(config, workdir: str | os.PathLike, force: bool = False) -> None:
-    """The data stage (see module docstring)."""
-    if config.data.subject_dir:
-        _summarise_subject(config.data.subject_dir)
+def run(ctx, synthetic_config) -> None:
+    """The data stage (see module docstring); ``synthetic_config`` is ``config.synthetic``."""
+    if not ctx.synthetic:
+        _summarise_subject(str(ctx.subject_dir))
         return
     from gem_jax.data import synthetic
 
-    workdir = Path(workdir)
+    workdir = ctx.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    syn, seed = config.synthetic, int(config.seed)
+    syn, seed = synthetic_config, int(ctx.seed)
 
     def main_subject(tmp):
         return synthetic.write_subject(tmp, synthetic.make_scene(syn, seed), int(syn.held_out_camera))
 
     start = time.time()
-    wrote, summary = _generate(workdir / "data", _manifest(config, syn.identity, "all"), force, main_subject)
+    wrote, summary = _generate(workdir / "data", _manifest(syn, seed, syn.identity, "all"), main_subject)
     print(_describe("synthetic subject", workdir / "data", summary, time.time() - start if wrote else None))
     cross = int(syn.cross_identity)
     if cross >= 0 and cross != int(syn.identity):
         start = time.time()
         wrote, summary = _generate(
-            workdir / "data_cross", _manifest(config, cross, "held_out"), force,
+            workdir / "data_cross", _manifest(syn, seed, cross, "held_out"),
             lambda tmp: synthetic.write_cross_identity(tmp, syn, seed, cross))
         print(_describe("cross-identity ground truth", workdir / "data_cross", summary,
                         time.time() - start if wrote else None))

@@ -1,4 +1,4 @@
-"""What the GEM stages read from and write to a work directory (DESIGN §1).
+"""What the GEM stages read from and write to a work directory (docs/architecture.md §1).
 
     <workdir>/collect/   the teacher's Gaussians per training timestep (gem_jax.eigen.pca layout)
                          and roots.npy (T_all, 4, 4): the root pose of every timestep
@@ -19,7 +19,7 @@ import numpy as np
 
 from gem_jax.eigen.model import GEM, load
 
-__all__ = ["MODEL_FILE", "Coefficients", "load_model", "load_pca_coefficients", "load_roots"]
+__all__ = ["MODEL_FILE", "Coefficients", "load_model", "load_pca_coefficients", "load_roots", "stored_dtype"]
 
 MODEL_FILE = "gem.npz"
 ROOTS_FILE = "roots.npy"
@@ -73,3 +73,9 @@ def load_model(workdir: str | os.PathLike, stage: str | None = None) -> GEM:
     if stage is None:
         stage = "refine" if (workdir / "refine" / MODEL_FILE).is_file() else "pca"
     return load(_need(workdir / stage / MODEL_FILE, stage))
+
+
+def stored_dtype(path: str | os.PathLike) -> str:
+    """``"float16"`` or ``"float32"``: how the bases of the model file at ``path`` are stored."""
+    with np.load(_need(Path(path), "pca"), allow_pickle=False) as npz:
+        return "float16" if npz["position_U"].dtype == np.float16 else "float32"
