@@ -9,17 +9,18 @@ checkpoint of another configuration raises :class:`CheckpointMismatchError` nami
 (``params.geometry_net.stem.kernel: stored (3, 3, 14, 16) float32, expected (3, 3, 14, 32)
 float32``) instead of a generic shape error.
 
-    ckpt = StageCheckpoints(workdir / "teacher" / "ckpt", save_every=100)
-    state = ckpt.restore_or(lambda: init_state(key))   # latest checkpoint, or a fresh state
-    ...
-    ckpt.maybe_save(step, state)                        # every ``save_every`` steps
-    ckpt.save(final_step, state, force=True); ckpt.close()
+    ckpt = StageCheckpoints(workdir / "teacher" / "ckpt", max_to_keep=2)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(jax.eval_shape(init))      # the latest checkpoint
+    ckpt.save(step, state, force=True)                   # asynchronous; the newest 2 are kept
+    ckpt.close()
+
+The training loop (:mod:`gem_jax.loop`) does exactly this for every stage.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,16 +91,12 @@ def check_compatible(stored: dict[str, tuple[tuple, Any]], target: Any, where: s
 
 
 class StageCheckpoints:
-    """A stage's orbax ``CheckpointManager`` (module docstring).
+    """A stage's orbax ``CheckpointManager`` (module docstring); the ``max_to_keep`` newest
+    checkpoints are kept."""
 
-    ``save_every`` steps between periodic saves; ``max_to_keep`` newest checkpoints are kept.
-    """
-
-    def __init__(self, directory: str | Path, save_every: int = 1000, max_to_keep: int = 2,
-                 asynchronous: bool = True):
+    def __init__(self, directory: str | Path, max_to_keep: int = 2, asynchronous: bool = True):
         _quiet_orbax()
         self.directory = Path(directory).absolute()
-        self.save_every = max(int(save_every), 1)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous)
         # The handler is named up front so a fresh process can read a stored step's metadata.
@@ -124,7 +121,7 @@ class StageCheckpoints:
 
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, state: Any, force: bool = False) -> bool:
-        """Save ``state`` as ``step`` (asynchronously); ``force`` saves whatever ``save_every`` says.
+        """Save ``state`` as ``step`` (asynchronously); ``force`` saves whatever orbax's own policy says.
 
         Returns whether a save was started. A step that is already stored is skipped.
         """
@@ -133,12 +130,6 @@ class StageCheckpoints:
             return False
         saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
         return bool(saved)
-
-    def maybe_save(self, step: int, state: Any) -> bool:
-        """Save when ``step`` is a multiple of ``save_every``."""
-        if int(step) % self.save_every:
-            return False
-        return self.save(step, state, force=True)
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
@@ -168,11 +159,10 @@ class StageCheckpoints:
         check_compatible(self.stored_leaves(step), abstract, f"{self.directory / str(step)}")
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-    def restore_or(self, init: Callable[[], Any], step: int | None = None) -> tuple[Any, bool]:
-        """``(restored state, True)`` from the latest checkpoint, else ``(init(), False)``.
-
-        The target is ``jax.eval_shape(init)``, so ``init`` runs only when nothing is stored.
-        """
-        if (self.latest_step() if step is None else step) is None:
-            return init(), False
-        return self.restore(jax.eval_shape(init), step), True
+    def restore_as_saved(self, step: int | None = None) -> Any:
+        """The stored tree of ``step`` (default: the latest) as it was saved, without a target
+        (NumPy arrays; for inspection and tests)."""
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        return self._manager.restore(step, args=ocp.args.StandardRestore())

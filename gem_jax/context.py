@@ -85,13 +85,9 @@ class StageContext:
             return cls(workdir=workdir, subject_dir=workdir / "data")
         try:
             rec = json.loads(path.read_text())
-            subject = Path(rec["subject_dir"])
-            return cls(workdir=workdir, subject_dir=subject if subject.is_absolute() else workdir / subject,
-                       head_model_path=str(rec["head_model"]), n_shape=int(rec["n_shape"]),
-                       n_expr=int(rec["n_expr"]), background=tuple(float(x) for x in rec["background"]),
-                       backend=str(rec.get("backend", "auto")), seed=int(rec["seed"]),
-                       synthetic=bool(rec["synthetic"]), eval=ml_collections.ConfigDict(rec["eval"]),
-                       fit=ml_collections.ConfigDict(rec["fit"]))
+            rec.update(subject_dir=workdir / rec["subject_dir"], background=tuple(rec["background"]),
+                       eval=ml_collections.ConfigDict(rec["eval"]), fit=ml_collections.ConfigDict(rec["fit"]))
+            return cls(workdir=workdir, **rec)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a readable run context ({type(err).__name__}: {err}); "
                              "rerun any stage with python -m gem_jax.train to rewrite it") from err
@@ -99,16 +95,13 @@ class StageContext:
     def save(self) -> Path:
         """Write ``<workdir>/context.json`` (the subject path relative to the work directory
         when it lies inside it, so a moved work directory still finds its data)."""
-        try:
-            subject = self.subject_dir.resolve().relative_to(self.workdir.resolve())
-        except ValueError:
-            subject = self.subject_dir.resolve()
-        path = self.workdir / CONTEXT_FILE
-        write_json(path, {"subject_dir": str(subject), "head_model": self.head_model_path, "n_shape": self.n_shape,
-                          "n_expr": self.n_expr, "background": list(self.background), "backend": self.backend,
-                          "seed": self.seed, "synthetic": self.synthetic, "eval": self.eval.to_dict(),
-                          "fit": self.fit.to_dict()})
-        return path
+        rec = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("workdir", "mesh_override")}
+        subject = self.subject_dir.resolve()
+        if subject.is_relative_to(self.workdir.resolve()):
+            subject = subject.relative_to(self.workdir.resolve())
+        rec.update(subject_dir=str(subject), eval=self.eval.to_dict(), fit=self.fit.to_dict())
+        return write_json(self.workdir / CONTEXT_FILE, rec)
 
     # -- shared resources ----------------------------------------------------------------------
     @functools.cached_property

@@ -213,8 +213,7 @@ def train(stage: str, out: Path, settings: LoopSettings, mesh, *, init: Callable
     from tqdm import tqdm
 
     steps = settings.steps
-    ckpt = StageCheckpoints(out / "ckpt", save_every=settings.checkpoint_every,
-                            max_to_keep=settings.keep_checkpoints)
+    ckpt = StageCheckpoints(out / "ckpt", max_to_keep=settings.keep_checkpoints)
     sharding = NamedSharding(mesh, PartitionSpec())
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), jax.eval_shape(init))
     if ckpt.latest_step() is not None:

@@ -27,20 +27,17 @@ from ml_collections import config_flags
 from gem_jax.atomic import write_text
 from gem_jax.context import StageContext
 
-__all__ = ["STAGES", "STAGE_NAMES", "Stage", "main", "run", "stage_done"]
+__all__ = ["STAGES", "STAGE_NAMES", "Stage", "main", "run", "stage_done", "stage_function"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """A pipeline stage: ``module:function`` called as ``function(ctx, *config sections)``."""
+    """A pipeline stage: ``module:function``, called as ``function(ctx, *config sections)``."""
 
     name: str
     target: str
     sections: tuple[str, ...]
 
-    def function(self):
-        module_name, function_name = self.target.split(":")
-        return getattr(importlib.import_module(module_name), function_name)
 
 
 # In pipeline order. A stage's module is imported only when the stage runs.
@@ -54,6 +51,13 @@ STAGES: list[Stage] = [
     Stage("eval", "gem_jax.report:run", ()),
 ]
 STAGE_NAMES = [stage.name for stage in STAGES]
+
+
+def stage_function(name: str):
+    """The ``run(ctx, *sections)`` function of stage ``name`` (its module imported now)."""
+    target = {stage.name: stage.target for stage in STAGES}[name]
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def stage_done(workdir: Path, name: str) -> bool:
@@ -105,7 +109,7 @@ def run(config, workdir: str | os.PathLike, stage: str = "all", force: str | Non
             _start_over(ctx, spec.name)
         print(f"[gem_jax] stage {spec.name}: starting")
         start = time.time()
-        spec.function()(ctx, *(config[section] for section in spec.sections))
+        stage_function(spec.name)(ctx, *(config[section] for section in spec.sections))
         if jax.process_index() == 0:
             mark_done(workdir, spec.name)
         print(f"[gem_jax] stage {spec.name}: done in {time.time() - start:.1f}s")

@@ -33,6 +33,24 @@ def tiny_config(**overrides):
     return config
 
 
+def tiny_context(workdir, config=None, mesh=None):
+    """The stage context of a run of ``config`` (default: the tiny config) in ``workdir``."""
+    from gem_jax.context import StageContext
+
+    return StageContext.from_config(tiny_config() if config is None else config, workdir, mesh=mesh)
+
+
+@pytest.fixture(scope="session")
+def tiny_subject(tmp_path_factory):
+    """The tiny synthetic subject folder, written once per session (point
+    ``data.subject_dir`` at it)."""
+    from gem_jax import train
+
+    workdir = tmp_path_factory.mktemp("tiny_data")
+    train.run(tiny_config(), workdir, "data")
+    return workdir / "data"
+
+
 @pytest.fixture(scope="session")
 def distilled_workdir(tmp_path_factory):
     """``(config, workdir)`` after the tiny data, teacher, collect and pca stages."""

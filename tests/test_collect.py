@@ -5,14 +5,16 @@ import numpy as np
 
 from gem_jax.eigen.pca import read_collect
 from gem_jax.eigen.workdir import load_roots
+from gem_jax.teacher.collect import load_trained_teacher
+from gem_jax.teacher.model import teacher_gaussians_canonical
+
+from conftest import tiny_context
 
 
 def test_collect_layout_matches_the_teacher(distilled_workdir):
-    from gem_jax.teacher.model import load_trained_teacher, teacher_gaussians_canonical
-
     config, workdir = distilled_workdir
     data = read_collect(workdir / "collect")
-    teacher = load_trained_teacher(config, workdir)
+    teacher = load_trained_teacher(tiny_context(workdir, config), config.teacher)
     train_t = sorted(set(teacher.subject.timesteps("train")))
     assert data.timesteps.tolist() == train_t
     n, t = data.num_timesteps, data.num_gaussians
@@ -21,7 +23,7 @@ def test_collect_layout_matches_the_teacher(distilled_workdir):
     # Every row equals an independent teacher call of that timestep (sign-aligned quaternions).
     q_ref = None
     for row, step in enumerate(train_t):
-        g = teacher_gaussians_canonical(teacher.params, config, teacher.inputs_for_timestep(step))
+        g = teacher_gaussians_canonical(teacher.params, config.teacher, teacher.inputs_for_timestep(step))
         q = np.asarray(g["rotation"])
         q_ref = q if q_ref is None else q_ref
         q = np.where(np.sum(q * q_ref, -1, keepdims=True) < 0, -q, q)
@@ -42,11 +44,10 @@ def test_collect_layout_matches_the_teacher(distilled_workdir):
 
 def test_roots_cover_every_split_and_place_the_head(distilled_workdir):
     from gem_jax.head.flame import lbs
-    from gem_jax.teacher.model import load_trained_teacher
 
     config, workdir = distilled_workdir
     roots = load_roots(workdir)
-    teacher = load_trained_teacher(config, workdir)
+    teacher = load_trained_teacher(tiny_context(workdir, config), config.teacher)
     every = sorted({t for split in ("train", "val", "test") for t in teacher.subject.timesteps(split)})
     assert roots.shape == (max(every) + 1, 4, 4)
     for step in every:

@@ -4,44 +4,18 @@ Resume after a crash: tests/test_teacher_resume.py.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from gem_jax import train as entry
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
-
-
-@pytest.fixture(scope="module")
-def subject(tmp_path_factory):
-    """The tiny synthetic subject, written once for the module."""
-    import quickstart
-
-    from gem_jax.data import prepare
-
-    workdir = tmp_path_factory.mktemp("teacher_data")
-    prepare.run(quickstart.get_config("tiny"), workdir)
-    return workdir / "data"
+from conftest import tiny_config, tiny_context
 
 
-def tiny_config(subject_dir, **teacher):
-    import quickstart
-
-    config = quickstart.get_config("tiny")
-    with config.unlocked():
-        config.data.subject_dir = str(subject_dir)
-        for key, value in teacher.items():
-            config.teacher[key] = value
-    return config
-
-
-def test_two_step_training_writes_every_output(subject, tmp_path):
-    from gem_jax import train as entry
-
-    config = tiny_config(subject)
+def test_two_step_training_writes_every_output(tiny_subject, tmp_path):
+    config = tiny_config(**{"data.subject_dir": str(tiny_subject)})
     entry.run(config, tmp_path, stage="teacher")
     out = tmp_path / "teacher"
     assert (out / "DONE").exists()
@@ -51,7 +25,7 @@ def test_two_step_training_writes_every_output(subject, tmp_path):
         for key in ("loss", "l1", "dssim", "offset", "scale", "psnr", "grad_norm", "lr"):
             assert np.isfinite(record[key]), key
         assert record["rejected"] == 0
-    assert log["config"]["teacher"]["steps"] == 2
+    assert log["config"]["steps"] == 2  # the stage's own config section
     assert list((out / "tb").glob("events.out.tfevents.*"))
     result = json.loads((out / "eval.json").read_text())
     for split in ("held_out_camera", "held_out_sequence"):
@@ -61,14 +35,14 @@ def test_two_step_training_writes_every_output(subject, tmp_path):
     assert len(renders) == 4 and renders[0].startswith("held_out_camera_00_t")
 
     # The collect API: activated Gaussians of a timestep in the head's frame, root pose removed.
+    from gem_jax.teacher.collect import load_trained_teacher
     from gem_jax.teacher.maps import rigid_transform
-    from gem_jax.teacher.model import (ForwardSpec, load_trained_teacher, make_net, teacher_gaussians_canonical,
-                                       world_gaussians_fn)
+    from gem_jax.teacher.model import ForwardSpec, make_net, teacher_gaussians_canonical, world_gaussians_fn
     from gem_jax.types import Gaussians
 
-    teacher = load_trained_teacher(config, tmp_path)
+    teacher = load_trained_teacher(tiny_context(tmp_path, config), config.teacher)
     t = teacher.subject.timesteps("train")[1]
-    out_t = jax.device_get(teacher_gaussians_canonical(teacher.params, config, teacher.inputs_for_timestep(t)))
+    out_t = jax.device_get(teacher_gaussians_canonical(teacher.params, config.teacher, teacher.inputs_for_timestep(t)))
     n = teacher.constants.canonical.num
     assert {k: v.shape for k, v in out_t.items()} == {
         "position": (n, 3), "rotation": (n, 4), "scale": (n, 3), "opacity": (n,), "colors": (n, 3)}

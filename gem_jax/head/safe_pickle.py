@@ -109,15 +109,15 @@ for _mod in ("scipy.sparse.csr", "scipy.sparse._csr"):
     _ALLOWED[(_mod, "csr_matrix")] = _CsrState
 
 
-class FlameUnpickler(pickle.Unpickler):
+class ArrayUnpickler(pickle.Unpickler):
     """Unpickler that resolves only allow-listed globals (see module docstring)."""
 
     def find_class(self, module: str, name: str):
         target = _ALLOWED.get((module, name))
         if target is None:
             raise UnsafePickleError(
-                f"refused to load global {module}.{name}: FLAME pickles may contain only numpy, "
-                "scipy.sparse and chumpy array state"
+                f"refused to load global {module}.{name}: only numpy, "
+                "scipy.sparse and chumpy array state may be unpickled"
             )
         return target
 
@@ -133,7 +133,7 @@ def load_flame_pickle(path: str | Path) -> dict:
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            raw = FlameUnpickler(fh, encoding="latin1").load()
+            raw = ArrayUnpickler(fh, encoding="latin1").load()
     except UnsafePickleError as err:
         raise UnsafePickleError(f"{path}: {err}") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
