@@ -1,4 +1,4 @@
-"""Exporting a distilled GEM: the compact file, 3DGS ``.ply`` frames, and component sweeps (DESIGN §6).
+"""Exporting a distilled GEM: the compact file, 3DGS ``.ply`` frames, and component sweeps (docs/architecture.md §6).
 
     python -m gem_jax.export --workdir runs/q --npz avatar_fp16.npz --dtype float16
     python -m gem_jax.export --workdir runs/q --ply frame.ply --timestep 3        # a training frame
@@ -91,7 +91,7 @@ def _parse(argv):
     p.add_argument("--components", type=int, default=3, help="components per modality in the sweep")
     p.add_argument("--camera", type=int, default=None,
                    help="camera index of the sweep (default: the held-out camera, else the first)")
-    p.add_argument("--subject", default=None, help="subject folder for the sweep's camera (default: WORKDIR/data)")
+    p.add_argument("--subject", default=None, help="subject folder for the sweep's camera (default: the run's)")
     return p.parse_args(argv)
 
 
@@ -123,9 +123,10 @@ def main(argv=None) -> int:
         path = export_ply(model, k, args.ply, root)
         print(f"[export] {path}: {model.num_gaussians} Gaussians")
     if args.sweep:
+        from gem_jax.context import StageContext
         from gem_jax.data.subject import load_subject
 
-        subject = load_subject(args.subject or workdir / "data")
+        subject = load_subject(args.subject) if args.subject else StageContext.from_workdir(workdir).subject
         cameras = {**subject.cameras("train"), **subject.cameras("val")}
         default = next(iter(subject.cameras("val")), next(iter(cameras)))  # the held-out (middle) camera
         index = default if args.camera is None else args.camera

@@ -1,34 +1,24 @@
 """The one training loop of every stage that trains: teacher, refine, regress (docs/architecture.md §3).
 
-A stage supplies three things — a state initialiser, a step builder and its batches — and
-this module does the rest, the same way for all of them:
+A stage supplies a state initialiser, a step builder and its batches (:func:`train`); the rest
+is done here, the same way for all of them:
 
-    state = loop.train("teacher", out, LoopSettings.from_config(config.teacher), ctx.mesh,
-                       init=lambda: {"params": …, "opt_state": …, "step": jnp.int32(0)},
-                       build_step=lambda capacity: loop.make_step(grad_fn(capacity), optimizer, ctx.mesh),
-                       capacity=lambda state: …, batch=lambda step: {…global NumPy batch…},
-                       replicated=(constants,))
+* the state ``{<trainable>, "opt_state", "step"}`` is restored from the stage's latest orbax
+  checkpoint (``<out>/ckpt``) against a shape-only replicated target, or initialised by one
+  compiled call placed on the mesh;
+* :func:`make_step`: per-device gradients averaged over ``('data',)``, the optimiser update,
+  *guarded* — a non-finite loss or gradient norm, or a render that overflowed its
+  tile-intersection capacity, keeps the old state (the counter still advances) and is reported
+  as ``rejected``; one ``jax.jit`` with the state donated;
+* on the host (one step late, so the device never waits): an overflow raises the capacity and
+  rebuilds the step; ``max_bad_steps`` non-finite steps in a row restore the last checkpoint
+  (:data:`MAX_RESTORES` times at most, then :class:`FloatingPointError`);
+* metrics every ``log_every`` steps to ``<out>/metrics.json`` and TensorBoard (both rewound on
+  resume), checkpoints every ``checkpoint_every`` steps and at the end, a progress bar.
 
-* **State** is a plain pytree ``{<trainable>: …, "opt_state": …, "step": int32}``; it is
-  restored from the stage's latest orbax checkpoint (``<out>/ckpt``) against a shape-only,
-  replicated target, or initialised by one compiled call placed on the mesh.
-* **Step** (:func:`make_step`): ``grad_fn`` runs per device on its shard of the batch
-  (:func:`gem_jax.parallel.data_parallel`, gradients averaged), the optimiser updates, and the
-  update is *guarded*: when the loss or the gradient norm is not finite, or the render
-  overflowed its tile-intersection capacity, the state keeps its old values (the step counter
-  still advances) and the metrics say ``rejected``. One ``jax.jit`` with the state donated.
-* **Bad steps**: an overflow raises the capacity (rounded, :func:`gem_jax.render.round_capacity`)
-  and rebuilds the step; ``max_bad_steps`` non-finite steps in a row restore the last
-  checkpoint (at most :data:`MAX_RESTORES` times, then :class:`FloatingPointError`).
-* **Cadence**: metrics every ``log_every`` steps into ``<out>/metrics.json`` (rewritten
-  atomically each time) and TensorBoard (``<out>/tb``), both rewound on resume; checkpoints
-  every ``checkpoint_every`` steps and at the end (``on_checkpoint`` runs first); a tqdm bar.
-  The host reads a step's metrics only after the next step is dispatched, so the device never
-  waits for the logging.
-
-Randomness is a function of the seed, the step and the example's place in the global batch
-(:func:`example_keys`), so a resumed or sharded run draws what an uninterrupted single-device
-run draws.
+Randomness is ``fold_in(fold_in(key(seed), step), index in the global batch)``
+(:func:`example_keys`), so a resumed or a sharded run draws what an uninterrupted
+single-device run draws.
 """
 
 from __future__ import annotations
@@ -145,8 +135,8 @@ def make_step(grad_fn: Callable, optimizer: optax.GradientTransformation, mesh, 
 
 
 class MetricsLog:
-    """``<out>/metrics.json`` and TensorBoard scalars of a stage (process 0 only), resumable:
-    records after the step a run resumes from are dropped, in both."""
+    """``<out>/metrics.json`` and TensorBoard scalars (process 0 only); records after the step a
+    run resumes from are dropped from both."""
 
     def __init__(self, out: Path, stage: str, start_step: int, section=None):
         self.active = jax.process_index() == 0
@@ -297,9 +287,8 @@ HOST_ONLY_KEYS = frozenset({"log_every", "checkpoint_every", "keep_checkpoints",
 
 
 class SectionKey:
-    """A config section as a hashable key (its JSON without :data:`HOST_ONLY_KEYS`), so a stage
-    can cache its compiled step with ``functools.lru_cache``: a rerun in the same process (a
-    test, a notebook, a resumed run after a restore) reuses the compiled step."""
+    """A config section as a hashable key (its JSON without :data:`HOST_ONLY_KEYS`), for caching
+    compiled steps with ``functools.lru_cache`` across runs in one process."""
 
     def __init__(self, section):
         self.section = section

@@ -57,10 +57,10 @@ def reenact(model_dir, driver, out, neutral: int = 0, camera: int | None = None,
     """Run the five steps of the module docstring; returns the timings and output paths."""
     import jax.numpy as jnp
 
-    from gem_jax.batching import padded_chunks
     from gem_jax.context import StageContext
     from gem_jax.eigen.render import render_exact
     from gem_jax.eigen.workdir import load_model, load_pca_coefficients, load_roots
+    from gem_jax.evaluation import render_all
     from gem_jax.regress.crop import crop, detect_boxes, smooth_boxes
     from gem_jax.regress.inference import REGRESSOR_FILE, TrainedRegressor, neutral_timestep
     from gem_jax.video import VideoWriter, read_frames
@@ -110,16 +110,11 @@ def reenact(model_dir, driver, out, neutral: int = 0, camera: int | None = None,
     roots_b = np.broadcast_to(root, (batch_size, 4, 4))
     Ks_b = np.broadcast_to(np.asarray(cam.K), (batch_size, 3, 3))
 
-    def render_all():
-        images = []
-        for rows, padded in padded_chunks(n, batch_size):
-            img = render_exact(gem, k[padded], roots_b, viewmats[padded], Ks_b, (1.0, 1.0, 1.0), cam.width, cam.height)
-            images.extend(img[: len(rows)])
-        return images
+    def render_rows(rows):
+        return render_exact(gem, k[rows], roots_b, viewmats[rows], Ks_b, (1.0, 1.0, 1.0), cam.width, cam.height)
 
-    render_exact(gem, k[np.zeros(batch_size, int)], roots_b, viewmats[np.zeros(batch_size, int)], Ks_b,
-                 (1.0, 1.0, 1.0), cam.width, cam.height)  # compile outside the timings
-    renders = timed("render", n, render_all)
+    render_rows(np.zeros(batch_size, int))  # compile outside the timings
+    renders = timed("render", n, lambda: render_all(render_rows, n, batch_size))
     with VideoWriter(out, fps) as video:
         for f, r in zip(frames, renders):
             video.write(r if avatar_only else np.concatenate([_resize_to(f, r.shape[0]), r], axis=1))

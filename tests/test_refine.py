@@ -118,7 +118,6 @@ def test_stage_resumes_after_interruption_to_the_same_basis(distilled_workdir, t
     assert (tmp_path / "a" / "refine" / "fit_test.npz").is_file()
     pngs = list((tmp_path / "a" / "refine" / "renders").glob("*.png"))
     assert pngs, "renders are written"
-    assert "refine" in refine.comparison_table(tmp_path / "a")
 
 
 def test_missing_inputs_name_the_stage(tmp_path):

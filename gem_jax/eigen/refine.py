@@ -23,8 +23,6 @@ the best PSNR on it — the PCA basis counts as step 0 — is the one saved. Out
 from __future__ import annotations
 
 import functools
-import json
-import os
 from pathlib import Path
 
 import jax
@@ -45,7 +43,7 @@ from gem_jax.eigen.workdir import (MODEL_FILE, Coefficients, load_model, load_pc
 from gem_jax.losses import dssim_loss, l1_loss
 from gem_jax.metrics import psnr
 
-__all__ = ["comparison_table", "compiled_refine_step", "init_state", "make_optimizer", "make_refine_step",
+__all__ = ["compiled_refine_step", "init_state", "make_optimizer", "make_refine_step",
            "refine_batch", "run"]
 
 STAGE = "refine"
@@ -176,24 +174,6 @@ class _Best:
                 "history": [{"step": int(a), "psnr": float(b)} for a, b in self.history]}
 
 
-def comparison_table(workdir: str | os.PathLike) -> str:
-    """Components × {PSNR held-out camera, held-out sequence (fitted k), MB}: PCA-only vs refined."""
-    workdir = Path(workdir)
-    lines = [f"{'model':<10}{'components (pos/rot/scale/opac)':>33}{'PSNR novel view':>17}"
-             f"{'PSNR novel expr (fitted k)':>28}{'MB':>8}"]
-    for stage in ("pca", "refine"):
-        path = workdir / stage / "eval.json"
-        if not path.is_file() or not (workdir / stage / MODEL_FILE).is_file():
-            continue
-        ev = json.loads(path.read_text())
-        model = load_model(workdir, stage)
-        comps = "/".join(str(v) for v in model.num_components.values())
-        cam = ev.get("held_out_camera", {}).get("psnr", float("nan"))
-        seq = ev.get("held_out_sequence", {}).get("psnr", float("nan"))
-        lines.append(f"{stage:<10}{comps:>33}{cam:>17.2f}{seq:>28.2f}{size_mb(workdir / stage / MODEL_FILE):>8.2f}")
-    return "\n".join(lines)
-
-
 def run(ctx, rconfig) -> dict:
     """Refine the PCA-only GEM of ``<workdir>/pca`` (or resume), save and evaluate it."""
     rc, seed, mesh = rconfig, int(ctx.seed), ctx.mesh
@@ -238,5 +218,4 @@ def run(ctx, rconfig) -> dict:
         refined.save(out / MODEL_FILE, dtype=stored_dtype(ctx.workdir / "pca" / MODEL_FILE))
     loop.log(STAGE, f"wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB")
     result = evaluate_gem(ctx, refined, out, tag=STAGE, extra={"validation": best.summary()})
-    print(comparison_table(ctx.workdir), flush=True)
     return result

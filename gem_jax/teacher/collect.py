@@ -39,9 +39,9 @@ from gem_jax.eigen.workdir import ROOTS_FILE
 from gem_jax.loop import log
 from gem_jax.teacher.data import tracked_meshes
 from gem_jax.teacher.maps import root_free_mesh
-from gem_jax.teacher.model import (ForwardSpec, TeacherConstants, TeacherInputs, build_constants,
-                                   canonical_gaussians_fn, make_net)
+from gem_jax.teacher.model import ForwardSpec, TeacherConstants, build_constants, canonical_gaussians_fn, make_net
 from gem_jax.teacher.train import restore_params
+from gem_jax.types import Gaussians
 
 __all__ = ["ROOTS_FILE", "TrainedTeacher", "collect_gaussians", "load_trained_teacher", "run"]
 
@@ -57,16 +57,14 @@ class TrainedTeacher:
         self._mesh = jax.jit(lambda p: root_free_mesh(self.head_model, p))
         self.canonical = canonical_gaussians_fn(make_net(tconfig), ForwardSpec.from_config(tconfig))
 
-    def _root_free(self, timestep: int):
+    def root_free_mesh(self, timestep: int) -> tuple[Float[Array, "V 3"], Float[Array, "4 4"]]:
+        """The tracked mesh of ``timestep`` in the head's frame, and the world ← head transform."""
         return self._mesh(jax.tree.map(jnp.asarray, self.subject.flame_params(int(timestep))))
 
-    def inputs_for_timestep(self, timestep: int) -> TeacherInputs:
-        """The root-free tracked mesh of ``timestep`` with the constants."""
-        return TeacherInputs(constants=self.constants, vertices=self._root_free(timestep)[0])
-
-    def root_transform(self, timestep: int) -> Float[Array, "4 4"]:
-        """World ← head-frame transform of ``timestep`` (apply with :func:`gem_jax.rigid.rigid_transform`)."""
-        return self._root_free(timestep)[1]
+    def gaussians(self, timestep: int) -> Gaussians:
+        """The activated Gaussians ``(N,)`` of one timestep in the head's frame (root pose removed)."""
+        g = self.canonical(self.params, self.constants, self.root_free_mesh(timestep)[0][None])
+        return jax.tree.map(lambda x: x[0], g)
 
 
 def load_trained_teacher(ctx, tconfig) -> TrainedTeacher:

@@ -13,12 +13,10 @@ position map from the canonical one, scaled by ``1/position_input_scale``); the 
 sees the canonical position map only (normalised to the head's bounding box).
 
 What the ``collect`` stage distils (docs/architecture.md §1, §6) — the teacher at the test-time
-style ``z = 0`` on one timestep (:func:`teacher_gaussians_canonical`, or batched
-:func:`canonical_gaussians_fn`):
+style ``z = 0`` (:func:`canonical_gaussians_fn`):
 
-    out = teacher_gaussians_canonical(params, config.teacher, TeacherInputs(consts, vertices))
-    out["position"] (N,3), out["rotation"] (N,4) wxyz, out["scale"] (N,3), out["opacity"] (N,),
-    out["colors"] (N,3)
+    g = canonical_gaussians_fn(net, spec)(params, consts, vertices)    # vertices (B, V, 3)
+    g.means (B,N,3), g.quats (B,N,4) wxyz, g.scales (B,N,3), g.opacities (B,N), g.colors (B,N,3)
 
 ``N`` is the number of valid UV texels (``consts.canonical.texels`` gives their flat indices in
 the ``R×R`` map). The values are *activated* Gaussians in the head's own frame: expression,
@@ -44,8 +42,8 @@ from gem_jax.teacher import maps
 from gem_jax.teacher.unet import TeacherNet
 from gem_jax.types import Gaussians
 
-__all__ = ["ForwardSpec", "TeacherConstants", "TeacherInputs", "build_constants", "canonical_gaussians_fn", "forward",
-           "init_params", "make_net", "pose_maps", "teacher_gaussians_canonical", "world_gaussians_fn"]
+__all__ = ["ForwardSpec", "TeacherConstants", "build_constants", "canonical_gaussians_fn", "forward", "init_params",
+           "make_net", "pose_maps", "world_gaussians_fn"]
 
 POSE_INPUTS = ("normal", "position")
 
@@ -84,14 +82,6 @@ class ForwardSpec:
     @property
     def pose_channels(self) -> int:
         return 3 * len(self.inputs)
-
-
-@flax.struct.dataclass
-class TeacherInputs:
-    """What the teacher needs for one timestep: the constants and the root-free tracked mesh."""
-
-    constants: TeacherConstants
-    vertices: Float[Array, "V 3"]
 
 
 def build_constants(model: HeadModel, canonical_params: FlameParams, tconfig) -> TeacherConstants:
@@ -166,17 +156,6 @@ def forward(net: TeacherNet, params: dict, consts: TeacherConstants, vertices: F
         return maps.deform(g, consts.canonical, surf), delta
 
     return jax.vmap(one)(raw, vertices)
-
-
-def teacher_gaussians_canonical(params: dict, tconfig, inputs: TeacherInputs) -> dict[str, Array]:
-    """Activated Gaussians of one timestep in the head's frame, root pose removed (module docstring).
-
-    Returns ``{"position" (N,3), "rotation" (N,4) wxyz, "scale" (N,3), "opacity" (N,), "colors" (N,3)}``.
-    """
-    fn = canonical_gaussians_fn(make_net(tconfig), ForwardSpec.from_config(tconfig))
-    g = fn(params, inputs.constants, jnp.asarray(inputs.vertices)[None])
-    return {"position": g.means[0], "rotation": g.quats[0], "scale": g.scales[0], "opacity": g.opacities[0],
-            "colors": g.colors[0]}
 
 
 @functools.lru_cache(maxsize=8)
