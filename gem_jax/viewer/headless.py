@@ -2,15 +2,16 @@
 
     from playwright.sync_api import sync_playwright
     with sync_playwright() as pw, serve_folder("runs/q/web") as url:
-        browser = launch(pw)                          # the system Chromium, software WebGL
+        browser = launch(pw)                          # the system Chromium, software WebGL2
         page, errors = open_viewer(browser, url + "?scale=2")
         image = read_canvas(page)                     # (H, W, 3) float in [0, 1]
 
 The browser is the system's own (Debian's ``chromium`` package, or ``GEM_JAX_CHROMIUM``) started
 through ``executable_path``: nothing is ever downloaded (no ``playwright install``). WebGL runs
-in software: Mesa's llvmpipe through ANGLE's EGL backend (``gl="llvmpipe"``, the default: several
-times faster than SwiftShader for instanced splats on this project's scenes, see
-``benchmarks/bench_viewer.py``) or SwiftShader (``gl="swiftshader"``). The machine may have no
+in software: Mesa's llvmpipe through ANGLE's EGL backend (``gl="llvmpipe"``, preferred by
+``gl="auto"``: several times faster than SwiftShader for instanced splats on this project's
+scenes, see ``benchmarks/bench_viewer.py``) or SwiftShader (``gl="swiftshader"``, bundled with
+Chromium, the fallback where Mesa's drivers are missing). The machine may have no
 network: background networking, component updates, sync and QUIC are off.
 """
 
@@ -48,17 +49,35 @@ def find_chromium() -> str | None:
     return None
 
 
-def launch(playwright, gl: str = "llvmpipe", executable: str | None = None):
-    """A headless system Chromium with software WebGL; raises :class:`BrowserUnavailable`."""
-    if gl not in GL_ARGS:
-        raise ValueError(f"gl must be one of {sorted(GL_ARGS)}, got {gl!r}")
+_HAS_WEBGL2 = "() => !!document.createElement('canvas').getContext('webgl2')"
+
+
+def launch(playwright, gl: str = "auto", executable: str | None = None):
+    """A headless system Chromium with software WebGL2; raises :class:`BrowserUnavailable`.
+
+    ``gl="auto"`` takes llvmpipe when it gives WebGL2 here (Mesa's drivers installed), else
+    SwiftShader (bundled with Chromium).
+    """
+    if gl != "auto" and gl not in GL_ARGS:
+        raise ValueError(f"gl must be 'auto' or one of {sorted(GL_ARGS)}, got {gl!r}")
     executable = executable or find_chromium()
     if executable is None:
         raise BrowserUnavailable("no Chromium found (install Debian's `chromium` package, or set GEM_JAX_CHROMIUM)")
-    try:
-        return playwright.chromium.launch(executable_path=executable, headless=True, args=BASE_ARGS + GL_ARGS[gl])
-    except Exception as err:  # playwright's Error for a browser that will not start
-        raise BrowserUnavailable(f"{executable} did not start: {str(err).splitlines()[0]}") from err
+    problems = []
+    for mode in GL_ARGS if gl == "auto" else [gl]:
+        try:
+            browser = playwright.chromium.launch(executable_path=executable, headless=True,
+                                                 args=BASE_ARGS + GL_ARGS[mode])
+        except Exception as err:  # playwright's Error for a browser that will not start
+            raise BrowserUnavailable(f"{executable} did not start: {str(err).splitlines()[0]}") from err
+        page = browser.new_page()
+        ok = page.evaluate(_HAS_WEBGL2)
+        page.close()
+        if ok:
+            return browser
+        browser.close()
+        problems.append(f"no WebGL2 with {mode}")
+    raise BrowserUnavailable(f"{executable} started, but: {'; '.join(problems)}")
 
 
 def open_viewer(browser, url: str, viewport: tuple[int, int] = (1000, 700), timeout_s: float = 60.0,

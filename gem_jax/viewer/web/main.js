@@ -206,6 +206,7 @@ class Viewer {
   frame(now) {
     requestAnimationFrame((t) => this.frame(t));
     if (this.playing) this.advance(now);
+    this.showFps(now);
     if (this.drawn === this.version && this.orderVersion === this.version) return;
     if (this.evaluated !== this.poseVersion) {
       this.renderer.evaluate(this.kSigma(), this.pose);
@@ -229,11 +230,15 @@ class Viewer {
 
   countFrame(now) {
     this.frameTimes.push(now);
+  }
+
+  /** Frames drawn in the last second (4 updates a second); "idle" when nothing changes. */
+  showFps(now) {
     while (this.frameTimes.length && this.frameTimes[0] < now - 1000) this.frameTimes.shift();
-    if (!this.lastStatus || now - this.lastStatus > 250) {
-      this.lastStatus = now;
-      setStatus(`${this.frameTimes.length} fps · ${this.ui.sizeText}`);
-    }
+    if (this.lastStatus && now - this.lastStatus < 250) return;
+    this.lastStatus = now;
+    const fps = this.frameTimes.length ? `${this.frameTimes.length} fps` : "idle";
+    setStatus(`${fps} · ${this.ui.sizeText}`);
   }
 
   /** Resolves once a frame of the current state (k, pose, camera) is on the canvas. */
