@@ -70,7 +70,8 @@ def localised_model(model, scene):
 @pytest.fixture(scope="module")
 def site(distilled_workdir, tmp_path_factory):
     """``(url, model, scene, local_model, left)``: good/ (the tiny avatar, float32), local/ (with
-    :func:`localised_model`), bad/ (a shape lie in the manifest), missing/ (no model files)."""
+    :func:`localised_model`, float16), bad/ (a shape lie in the manifest), truncated/ (half the
+    binary), missing/ (no model files)."""
     _, workdir = distilled_workdir
     root = tmp_path_factory.mktemp("site")
     with warnings.catch_warnings():
@@ -78,11 +79,15 @@ def site(distilled_workdir, tmp_path_factory):
         export_workdir(workdir, root / "good", "float32", "pca")
     model, scene = read_web(root / "good")
     local, left = localised_model(model, scene)
-    write_web(root / "local", local, scene)
+    write_web(root / "local", local, scene, "float16")  # the half-float texture path
+    local, _ = read_web(root / "local")  # as the page sees it: float16 values
     shutil.copytree(root / "good", root / "bad")
     manifest = json.loads((root / "bad" / "model.json").read_text())
     manifest["arrays"]["position_U"]["shape"][1] += 3
     (root / "bad" / "model.json").write_text(json.dumps(manifest))
+    shutil.copytree(root / "good", root / "truncated")
+    blob = (root / "good" / "model.bin").read_bytes()
+    (root / "truncated" / "model.bin").write_bytes(blob[: len(blob) // 2])
     shutil.copytree(root / "good", root / "missing")
     for name in ("model.json", "model.bin"):
         (root / "missing" / name).unlink()
@@ -130,12 +135,16 @@ def test_page_matches_rasterize_with_no_console_error(browser, site):
     page.evaluate("k => gemViewer.setCoefficients(k)", scene.coefficients[2].tolist())
     want, _, _ = reference(model, scene, scene.coefficients[2], scene.default_camera, scene.roots[2])
     assert db(read_canvas(page), want) >= 40.0
-    if os.environ.get("GEM_JAX_WRITE_SCREENSHOT") == "1":
-        page.evaluate("gemViewer.setPose('neutral')")
-        read_canvas(page)
-        page.screenshot(path=str(SCREENSHOT))
     assert errors == []
     page.close()
+    if os.environ.get("GEM_JAX_WRITE_SCREENSHOT") == "1":  # the README's picture, at the page's own size
+        page, errors = open_viewer(browser, f"{url}good/", viewport=(1100, 720))
+        page.evaluate("k => gemViewer.setCoefficients(k)", scene.coefficients[1].tolist())
+        read_canvas(page)
+        page.wait_for_timeout(1500)  # the fps line settles to "idle"
+        page.screenshot(path=str(SCREENSHOT))
+        assert errors == []
+        page.close()
 
 
 def test_position_slider_changes_the_pixels_the_component_moves(browser, site):
@@ -188,6 +197,37 @@ def test_position_slider_changes_the_pixels_the_component_moves(browser, site):
     page.close()
 
 
+def test_orbit_zoom_and_presets_stay_faithful(browser, site):
+    url, model, scene, _, _ = site
+    page, errors = open_viewer(browser, f"{url}good/?scale={SCALE}")
+    preset = page.evaluate("gemViewer.info()")["viewmat"]
+    box = page.locator("#canvas").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 40, y + 15, steps=4)
+    page.mouse.up()
+    page.mouse.wheel(0, 100)
+    info = page.evaluate("gemViewer.info()")
+    assert not np.allclose(info["viewmat"], preset)
+    view = np.asarray(info["viewmat"], np.float32).reshape(4, 4)
+    np.testing.assert_allclose(view[:3, :3] @ view[:3, :3].T, np.eye(3), atol=1e-5)  # still a rigid view
+    fx, fy, cx, cy = info["intrinsics"]
+    camera = Camera(jnp.asarray(view), jnp.asarray([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], jnp.float32),
+                    info["width"], info["height"])
+    g = posed_gaussians(model, jnp.zeros(model.total_components), jnp.asarray(scene.neutral_pose))
+    want = np.clip(np.asarray(rasterize(g, camera, jnp.ones(3)).image), 0, 1)
+    assert db(read_canvas(page), want) >= 40.0
+    page.click("#reset")
+    np.testing.assert_allclose(page.evaluate("gemViewer.info()")["viewmat"], preset)
+    other = (scene.default_camera + 1) % len(scene.cameras)
+    page.select_option("#camera", str(other))
+    np.testing.assert_allclose(np.reshape(page.evaluate("gemViewer.info()")["viewmat"], (4, 4)),
+                               scene.cameras[other]["viewmat"], atol=1e-6)
+    assert errors == []
+    page.close()
+
+
 def test_sequences_play_and_follow_the_coefficient_policy(browser, site, tmp_path):
     url, model, scene, _, _ = site
     page, errors = open_viewer(browser, f"{url}good/?scale=1&fps=1000")
@@ -226,6 +266,7 @@ def test_sequences_play_and_follow_the_coefficient_policy(browser, site, tmp_pat
 
 @pytest.mark.parametrize("folder, expected", [
     ("bad", ["Malformed or missing model", "arrays.position_U expected shape"]),
+    ("truncated", ["Malformed or missing model", "binary_bytes"]),
     ("missing", ["Model not found", "model.json (HTTP 404)"]),
 ])
 def test_missing_or_malformed_model_shows_a_message(browser, site, folder, expected):

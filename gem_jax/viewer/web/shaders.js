@@ -7,9 +7,10 @@
 //    mean, layer j+1 component j; `uCoef` holds k·σ (one texel per coefficient).
 // 2. SPLAT: one instanced quad per Gaussian in depth order (front to back, from the sort
 //    worker). The vertex shader is gem_jax/render/project.py (EWA projection, frustum-clamped
-//    Jacobian, 0.3 dilation, 3σ radius, near plane 0.01, off-screen culling); the quad covers
-//    the pixels rasterize could touch: the 16×16 tiles of the 3σ square (gem_jax/render/tiles.py)
-//    intersected with the box where o·exp(−σ) ≥ 1/255. The fragment shader is the blending
+//    Jacobian, 0.3 dilation, 3σ radius, near plane 0.01, off-screen culling); the quad is the
+//    oriented rectangle around the ellipse where o·exp(−σ) ≥ 1/255, and fragments outside the
+//    16×16 tiles of the 3σ square (gem_jax/render/tiles.py) are discarded: together, exactly the
+//    pixels rasterize can blend the Gaussian into. The fragment shader is the blending
 //    rule of gem_jax/render/reference.py: σ < 0 skipped, α = min(0.99, o·exp(−σ)), α < 1/255
 //    skipped; premultiplied output blended front to back (C += T·α·c, T ← T·(1 − α)).
 // 3. COMPOSITE: image = C + T·background into the canvas.
@@ -91,6 +92,7 @@ flat out vec2 vMean;
 flat out vec3 vConic;
 flat out vec3 vColor;
 flat out float vOpacity;
+flat out vec4 vRect;  // the tiles' pixel rectangle [x0, x1) × [y0, y1)
 
 const float NEAR_PLANE = 0.01;
 const float EPS_2D = 0.3;
@@ -137,19 +139,21 @@ void main() {
   float r = ceil(3.0 * sqrt(max(lam, 0.0)));
   vec2 uv = vec2(fx * pc.x * rz + cx, fy * pc.y * rz + cy);
   if (!(r > 0.0) || !(uv.x + r > 0.0 && uv.x - r < W && uv.y + r > 0.0 && uv.y - r < H)) { cull(); return; }
-  // pixels rasterize can reach: the tiles of the 3σ square (gem_jax/render/tiles.py) ...
+  // Pixels rasterize can reach: inside the 16×16 tiles of the 3σ square (gem_jax/render/tiles.py;
+  // clipped in the fragment shader) and where o·exp(−σ) ≥ 1/255, the ellipse σ ≤ L = ln(255·o)
+  // with half-axes √(2Lλ) along the eigenvectors of the dilated covariance: the quad is that
+  // ellipse's oriented bounding rectangle, 1 px wider for rounding.
   vec2 tiles = ceil(uImage / TILE);
   vec2 lo = clamp(floor((uv - r) / TILE), vec2(0.0), tiles) * TILE;
   vec2 hi = min(clamp(ceil((uv + r) / TILE), vec2(0.0), tiles) * TILE, uImage);
-  // ... where o·exp(−σ) ≥ 1/255 (the ellipse σ ≤ ln(255·o) lies in this box; +1 px for rounding)
-  float level = 2.0 * log(o / ALPHA_MIN);
-  vec2 extent = sqrt(level * vec2(a, c)) + 1.0;
-  lo = max(lo, floor(uv - extent));
-  hi = min(hi, ceil(uv + extent));
   if (!(hi.x > lo.x && hi.y > lo.y)) { cull(); return; }
-  vec2 corner = vec2(float(gl_VertexID & 1), float((gl_VertexID >> 1) & 1));
-  vec2 pixel = mix(lo, hi, corner);
+  float level = 2.0 * log(o / ALPHA_MIN);
+  float lam2 = max(0.5 * (a + c) - sqrt(max(0.25 * (a - c) * (a - c) + b * b, 0.0)), 0.0);
+  vec2 axis = abs(b) > 1e-12 * (a + c) ? normalize(vec2(b, lam - a)) : (a >= c ? vec2(1.0, 0.0) : vec2(0.0, 1.0));
+  vec2 corner = vec2(float(gl_VertexID & 1), float((gl_VertexID >> 1) & 1)) * 2.0 - 1.0;
+  vec2 pixel = uv + corner.x * (sqrt(level * lam) + 1.0) * axis + corner.y * (sqrt(level * lam2) + 1.0) * vec2(-axis.y, axis.x);
   gl_Position = vec4(2.0 * pixel.x / W - 1.0, 1.0 - 2.0 * pixel.y / H, 0.0, 1.0);
+  vRect = vec4(lo, hi);
   vMean = uv;
   vConic = vec3(c / det, -b / det, a / det);
   vColor = texelFetch(uColor, t, 0).rgb;
@@ -163,11 +167,14 @@ flat in vec2 vMean;
 flat in vec3 vConic;
 flat in vec3 vColor;
 flat in float vOpacity;
+flat in vec4 vRect;
 out vec4 oColor;
 const float ALPHA_MAX = 0.99;
 const float ALPHA_MIN = 1.0 / 255.0;
 void main() {
-  vec2 d = vMean - vec2(gl_FragCoord.x, uImage.y - gl_FragCoord.y);  // pixel centres at j + 0.5
+  vec2 p = vec2(gl_FragCoord.x, uImage.y - gl_FragCoord.y);  // pixel centres at j + 0.5
+  if (p.x < vRect.x || p.y < vRect.y || p.x > vRect.z || p.y > vRect.w) discard;
+  vec2 d = vMean - p;
   float sigma = 0.5 * (vConic.x * d.x * d.x + vConic.z * d.y * d.y) + vConic.y * d.x * d.y;
   if (sigma < 0.0) discard;
   float raw = vOpacity * exp(-sigma);
