@@ -13,7 +13,8 @@ unless ``--dtype``) and opened in the system Chromium at ``--size`` pixels. Meas
 GPU-synchronised (``readPixels`` of one pixel), medians over ``--frames`` random ``k``; the Web
 Worker's depth sort; and the frames per second of playback of random coefficients (a new ``k``
 each animation frame: evaluate, sort, splat) over ``--seconds``. Then, for one random ``k``, the
-canvas against ``rasterize`` (PSNR, max abs difference). Prints a Markdown table, writes JSON.
+canvas against ``rasterize`` of the model as stored (float16 values for a float16 export; PSNR,
+max abs difference). Prints a Markdown table, writes JSON.
 """
 
 from __future__ import annotations
@@ -40,17 +41,18 @@ from gem_jax.metrics import psnr  # noqa: E402
 from gem_jax.render import rasterize  # noqa: E402
 from gem_jax.viewer.headless import launch, open_viewer, read_canvas  # noqa: E402
 from gem_jax.viewer.serve import serve_folder  # noqa: E402
-from gem_jax.viewer.webexport import WebScene, camera_entry, write_web  # noqa: E402
+from gem_jax.viewer.webexport import WebScene, camera_entry, read_web, write_web  # noqa: E402
 
 
-def export(model, folder: Path, size: int, dtype: str, seed: int = 0) -> np.ndarray:
-    """Write the web export of ``model`` seen by the benchmark camera; returns a random ``k``."""
+def export(model, folder: Path, size: int, dtype: str, seed: int = 0) -> tuple[np.ndarray, object]:
+    """Write the web export of ``model`` seen by the benchmark camera; returns a random ``k``
+    and the model as stored (float16 values for ``dtype="float16"``), the reference to compare with."""
     rng = np.random.default_rng(seed)
     coefficients = rng.uniform(-1, 1, (4, model.total_components)).astype(np.float32)
     scene = WebScene(cameras=[camera_entry(0, camera(size, size), "benchmark camera")], neutral_pose=np.eye(4),
                      timesteps=np.arange(4), coefficients=coefficients, roots=np.broadcast_to(np.eye(4), (4, 4, 4)))
     write_web(folder, model, scene, dtype)
-    return coefficients[0]
+    return coefficients[0], read_web(folder)[0]
 
 
 def measure(pw, gl: str, url: str, model, k: np.ndarray, size: int, frames: int, seconds: float) -> dict:
@@ -93,13 +95,13 @@ def main(argv=None) -> int:
             model = synthetic_gem(texels, args.components)
             dtype = args.dtype or ("float32" if model.num_gaussians < 10_000 else "float16")
             with tempfile.TemporaryDirectory(prefix="bench_viewer_") as folder:
-                k = export(model, Path(folder), args.size, dtype)
+                k, stored = export(model, Path(folder), args.size, dtype)
                 mb = sum(f.stat().st_size for f in Path(folder).glob("model.*")) / 1e6
                 with serve_folder(folder) as url:
                     for gl in args.gl.split(","):
                         row = {"texels": texels, "gaussians": model.num_gaussians, "components": args.components,
                                "dtype": dtype, "model_mb": mb, "npz_mb_float32": size_mb(model), "gl": gl,
-                               "size": args.size, **measure(pw, gl, url, model, k, args.size, args.frames, args.seconds)}
+                               "size": args.size, **measure(pw, gl, url, stored, k, args.size, args.frames, args.seconds)}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     lines = [f"GEM viewer in headless Chromium (software WebGL), {args.size}×{args.size} px, "

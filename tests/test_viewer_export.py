@@ -160,8 +160,13 @@ def test_export_cli_writes_the_viewer_of_a_workdir(distilled_workdir, tmp_path):
 
 def test_viewer_cli_serves_on_localhost(distilled_workdir, tmp_path):
     _, workdir = distilled_workdir
-    proc = subprocess.Popen([sys.executable, "-W", "ignore", "-m", "gem_jax.viewer", "--model", str(workdir),
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    total = load_model(workdir).total_components
+    sequence = np.zeros((3, total), np.float32)
+    sequence[1, 0] = 4.0
+    np.save(tmp_path / "reenact.npy", sequence)
+    proc = subprocess.Popen([sys.executable, "-m", "gem_jax.viewer", "--model", str(workdir), "--port", "0",
+                             "--sequence", str(tmp_path / "reenact.npy")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
         for line in proc.stdout:
@@ -176,7 +181,10 @@ def test_viewer_cli_serves_on_localhost(distilled_workdir, tmp_path):
         with urllib.request.urlopen(url + "main.js", timeout=10) as r:
             assert r.headers["Content-Type"].startswith("text/javascript")
         with urllib.request.urlopen(url + "model.json", timeout=10) as r:
-            assert json.load(r)["num_gaussians"] == load_model(workdir).num_gaussians
+            manifest = json.load(r)
+        assert manifest["num_gaussians"] == load_model(workdir).num_gaussians
+        assert manifest["sequences"] == [{"name": "reenact.npy", "array": "sequence_0"}]
+        assert "'reenact.npy': 1 coefficients outside ±3σ clamped" in "".join(lines)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
