@@ -233,26 +233,26 @@ export class Renderer {
     gl.bindVertexArray(null);
   }
 
-  /** The canvas as top-down RGBA bytes (waits for the GPU). */
-  readPixels() {
-    const gl = this.gl, w = gl.canvas.width, h = gl.canvas.height;
-    gl.bindFramebuffer(gl.FRAMEBUFFER, null);
-    const bottomUp = new Uint8Array(w * h * 4);
-    gl.readPixels(0, 0, w, h, gl.RGBA, gl.UNSIGNED_BYTE, bottomUp);
-    const out = new Uint8Array(w * h * 4);
+  /** RGBA of a framebuffer as top-down rows (GL's rows go bottom-up); waits for the GPU. */
+  readTopDown(fbo, w, h, Type, type) {
+    const gl = this.gl;
+    gl.bindFramebuffer(gl.FRAMEBUFFER, fbo);
+    const bottomUp = new Type(w * h * 4);
+    gl.readPixels(0, 0, w, h, gl.RGBA, type, bottomUp);
+    const out = new Type(w * h * 4);
     for (let y = 0; y < h; ++y) out.set(bottomUp.subarray((h - 1 - y) * w * 4, (h - y) * w * 4), y * w * 4);
     return out;
   }
 
+  /** The canvas as top-down RGBA bytes. */
+  readPixels() {
+    const canvas = this.gl.canvas;
+    return this.readTopDown(null, canvas.width, canvas.height, Uint8Array, this.gl.UNSIGNED_BYTE);
+  }
+
   /** The float render target as top-down RGBA floats (rgb = Σ T·α·c, a = 1 − T). */
   readAccumulation() {
-    const gl = this.gl, { width: w, height: h } = this.accum;
-    gl.bindFramebuffer(gl.FRAMEBUFFER, this.accum.fbo);
-    const bottomUp = new Float32Array(w * h * 4);
-    gl.readPixels(0, 0, w, h, gl.RGBA, gl.FLOAT, bottomUp);
-    const out = new Float32Array(w * h * 4);
-    for (let y = 0; y < h; ++y) out.set(bottomUp.subarray((h - 1 - y) * w * 4, (h - y) * w * 4), y * w * 4);
-    return out;
+    return this.readTopDown(this.accum.fbo, this.accum.width, this.accum.height, Float32Array, this.gl.FLOAT);
   }
 
   /** Block until the GPU has finished (benchmarks): read one pixel. */
