@@ -90,7 +90,11 @@ def main(argv=None) -> int:
                 raise SystemExit(f"python -m gem_jax.viewer: {err}") from err
         else:
             raise SystemExit(f"--model {model}: no such work directory or web export")
-        url = stack.enter_context(serve_folder(folder, args.host, args.port))
+        try:
+            url = stack.enter_context(serve_folder(folder, args.host, args.port))
+        except OSError as err:  # port taken, unknown host, …
+            raise SystemExit(f"python -m gem_jax.viewer: cannot serve on {args.host}:{args.port} ({err}); "
+                             "try another --port (0: any free one)") from err
         print(f"GEM viewer: {url}  (serving {folder}; Ctrl+C to stop)", flush=True)
         if args.open:
             webbrowser.open(url)
