@@ -76,9 +76,12 @@ class Avatar:
                             background, camera.width, camera.height, backend)[0]
 
     def export_ply(self, k, path: str | os.PathLike, pose=None) -> Path:
-        from gem_jax.export import export_ply
+        """Write ``G(k)`` (posed by ``pose`` if given, else in the head frame) as a standard 3DGS ``.ply``."""
+        from gem_jax.render.ply import write_ply
+        from gem_jax.rigid import rigid_transform
 
-        return export_ply(self.model, k, path, pose)
+        g = self.evaluate(k)
+        return write_ply(path, g if pose is None else rigid_transform(g, jnp.asarray(pose, jnp.float32)))
 
     def predict(self, crops: np.ndarray, neutral: int = 0) -> np.ndarray:
         """``(F, ΣK)`` coefficients of face crops ``(F, S, S, 3)`` relative to crop ``neutral``."""

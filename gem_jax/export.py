@@ -4,6 +4,7 @@
     python -m gem_jax.export --workdir runs/q --ply frame.ply --timestep 3        # a training frame
     python -m gem_jax.export --workdir runs/q --ply frame.ply --coeffs k.npy      # any (ΣK,) vector
     python -m gem_jax.export --workdir runs/q --sweep runs/q/sweeps --components 3
+    python -m gem_jax.export --workdir runs/q --web runs/q/web --dtype float16  # the browser viewer
 
 * **compact file** — :meth:`GEM.save` (one ``.npz``, float32 or float16); its size is printed.
 * **.ply** — the Gaussians of a coefficient vector ``G(k)`` (head frame, or posed by a
@@ -12,6 +13,9 @@
 * **sweep** — for each of the first ``--components`` components of every modality, the
   avatar with that coefficient swept from −3σ to +3σ (all others 0, the mean face), rendered
   from the held-out camera (``--camera``): a PNG strip ``<modality>_<i>.png`` and an MP4 ``<modality>_<i>.mp4``.
+* **web** — a static folder for the browser viewer (:mod:`gem_jax.viewer.webexport`): the page,
+  ``model.json`` and ``model.bin`` (model in ``--dtype``, the subject's cameras, the training
+  coefficients); serve it with any static server, or run ``python -m gem_jax.viewer``.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def _parse(argv):
     p.add_argument("--stage", choices=("refine", "pca"), default=None,
                    help="which model (default: refined if present, else PCA-only)")
     p.add_argument("--npz", help="write the compact model file here")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage of --npz")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage of --npz and --web")
     p.add_argument("--ply", help="write a 3DGS .ply of one coefficient vector here")
     p.add_argument("--coeffs", help="a .npy (ΣK,) coefficient vector in σ units for --ply (default: zeros)")
     p.add_argument("--timestep", type=int, help="use this training timestep's PCA coefficients for --ply")
@@ -92,6 +96,7 @@ def _parse(argv):
     p.add_argument("--camera", type=int, default=None,
                    help="camera index of the sweep (default: the held-out camera, else the first)")
     p.add_argument("--subject", default=None, help="subject folder for the sweep's camera (default: the run's)")
+    p.add_argument("--web", help="write the browser viewer (a static folder) here")
     return p.parse_args(argv)
 
 
@@ -136,6 +141,13 @@ def main(argv=None) -> int:
         files = component_sweep(model, args.sweep, np.asarray(cam.viewmat), np.asarray(cam.K), cam.width, cam.height,
                                 roots[int(coeffs.timesteps[0])], components=args.components)
         print(f"[export] {len(files)} sweep files in {args.sweep}")
+    if args.web:
+        from gem_jax.viewer.webexport import export_workdir
+
+        page = export_workdir(workdir, args.web, args.dtype, args.stage)
+        size = sum(f.stat().st_size for f in page.parent.glob("model.*")) / 1e6
+        print(f"[export] {page}: the viewer, model {size:.2f} MB ({args.dtype}); serve the folder, e.g. "
+              f"python -m http.server -d {page.parent} -b 127.0.0.1")
     return 0
 
 

@@ -306,6 +306,12 @@ def _from_fields(where: str, fields: Mapping[str, np.ndarray]) -> GEM:
     return GEM(mean, sigma, U, jnp.asarray(colors, jnp.float32), jnp.asarray(texels, jnp.int32), uv_shape)
 
 
+def from_fields(where: str, fields: Mapping[str, np.ndarray]) -> GEM:
+    """Validate arrays in :func:`to_fields`' layout (any container, e.g. the web export) and
+    build a float32 :class:`GEM`; errors name ``where``, the field and the expected shape."""
+    return _from_fields(where, fields)
+
+
 def to_fields(model: GEM, dtype: str = "float32") -> dict[str, np.ndarray]:
     """The arrays :func:`save` writes (means, bases, colours in ``dtype``; σ float32)."""
     if dtype not in DTYPES:
