@@ -20,6 +20,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gem_jax.atomic import write_text
+from gem_jax.config_check import check_config
+from gem_jax.errors import ArtefactError, CoefficientError, ConfigError, SubjectFormatError
 
 # (stage name, "module:function") in pipeline order. The module is imported only when the
 # stage runs, so a stage that is not built yet never breaks the ones that are.
@@ -68,6 +70,7 @@ def run(config, workdir: str | os.PathLike, stage: str = "all", force: str | Non
 
     ``force`` names a stage to redo together with every stage after it.
     """
+    check_config(config)  # every field, once, before any stage (gem_jax/config_check.py)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     names = STAGE_NAMES if stage == "all" else [stage]
@@ -107,8 +110,9 @@ def _main(argv) -> int:
         jax.distributed.initialize()
     try:
         run(_CONFIG.value, _WORKDIR.value, _STAGE.value, _FORCE.value)
-    except StageNotImplemented as err:
-        print(f"[gem_jax] error: {err}", file=sys.stderr)
+    except (StageNotImplemented, ConfigError, SubjectFormatError, ArtefactError, CoefficientError) as err:
+        # Bad input at a boundary: the message names the file or field; a traceback adds nothing.
+        print(f"[gem_jax] error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -55,6 +55,7 @@ from gem_jax.metrics import psnr
 from gem_jax.regress.crop import box_from_vertices, crop
 from gem_jax.regress.features import make_extractor
 from gem_jax.regress.model import Regressor, fit_feature_pca, load_regressor, save_regressor
+from gem_jax.schedules import warmup_cosine
 
 __all__ = ["REGRESSOR_FILE", "neutral_timestep", "predict", "relative_features", "run", "tracked_crops"]
 
@@ -103,9 +104,7 @@ def relative_features(features: np.ndarray, images: ImageSet, neutral_t: int) ->
 
 
 def make_optimizer(rc) -> optax.GradientTransformation:
-    steps, warmup = int(rc.steps), min(int(rc.warmup_steps), max(int(rc.steps) - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, float(rc.lr), max(warmup, 1), max(steps, warmup + 1),
-                                                  float(rc.lr) * float(rc.end_lr_factor))
+    schedule = warmup_cosine(rc.lr, rc.steps, rc.warmup_steps, rc.end_lr_factor)
     return optax.chain(optax.clip_by_global_norm(float(rc.clip_norm)),
                        optax.adamw(schedule, weight_decay=float(rc.weight_decay)))
 

@@ -48,6 +48,7 @@ from gem_jax.losses import teacher_loss
 from gem_jax.metrics import psnr
 from gem_jax.render import count_intersections, rasterize, round_capacity
 from gem_jax.teacher import data as tdata
+from gem_jax.schedules import warmup_cosine
 from gem_jax.teacher.maps import rigid_transform
 from gem_jax.teacher.model import (ForwardSpec, TeacherConstants, build_constants, forward, init_params, make_net,
                                    world_gaussians_fn)
@@ -60,9 +61,7 @@ STAGE = "teacher"
 
 def make_schedule(tconfig) -> optax.Schedule:
     """Linear warm-up to ``lr``, then cosine decay to ``lr · end_lr_factor`` at ``steps``."""
-    steps, warmup = int(tconfig.steps), min(int(tconfig.warmup_steps), max(int(tconfig.steps) - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, float(tconfig.lr), max(warmup, 1), max(steps, warmup + 1),
-                                              float(tconfig.lr) * float(tconfig.end_lr_factor))
+    return warmup_cosine(tconfig.lr, tconfig.steps, tconfig.warmup_steps, tconfig.end_lr_factor)
 
 
 def make_optimizer(tconfig) -> optax.GradientTransformation:
