@@ -1,9 +1,11 @@
-"""Shared pytest setup: CPU only, several fake host devices for sharding tests, and one tiny
+"""Shared pytest setup: CPU only, several fake host devices for sharding tests, one tiny
 distilled work directory (data → teacher → collect → pca on ``configs/quickstart.py:tiny``)
-that the GEM tests share."""
+that the GEM tests share, and the same run carried through refine, regress and eval."""
 
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,5 +43,28 @@ def distilled_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("distilled")
     config = tiny_config()
     for stage in ("data", "teacher", "collect", "pca"):
+        start = time.time()
         train.run(config, workdir, stage)
+        STAGE_SECONDS[stage] = time.time() - start
+    return config, workdir
+
+
+#: Wall time of each stage in the shared runs above (the kill tests draw their kill times from it).
+STAGE_SECONDS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def completed_workdir(distilled_workdir, tmp_path_factory):
+    """``(config, workdir)``: a copy of the distilled run carried through refine, regress and eval,
+    i.e. one uninterrupted ``--stage all`` of the tiny config. Tests copy what they change."""
+    from gem_jax import train
+
+    config, distilled = distilled_workdir
+    workdir = tmp_path_factory.mktemp("completed")
+    for item in distilled.iterdir():
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, workdir / item.name)
+    for stage in ("refine", "regress", "eval"):
+        start = time.time()
+        train.run(config, workdir, stage)
+        STAGE_SECONDS[stage] = time.time() - start
     return config, workdir

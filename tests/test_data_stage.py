@@ -9,10 +9,15 @@ import cv2
 import numpy as np
 import pytest
 from conftest import tiny_config
-from test_subject import H, N_EXPR, N_SHAPE, N_VERTS, W, edit_json, edit_npz, fake  # noqa: F401 (fixture)
+from test_subject import H, N_EXPR, N_SHAPE, N_VERTS, W, edit_json, edit_npz, write_fake_subject
 
 from gem_jax import train
 from gem_jax.errors import SubjectFormatError
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return write_fake_subject(tmp_path)
 
 
 def run_data_stage(fake, tmp_path, **overrides):

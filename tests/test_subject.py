@@ -55,6 +55,11 @@ def head_model_arrays(rng):
 
 @pytest.fixture
 def fake(tmp_path):
+    return write_fake_subject(tmp_path)
+
+
+def write_fake_subject(tmp_path):
+    """The tiny subject of the module docstring in ``tmp_path/subject``; returns what was written."""
     rng = np.random.default_rng(7)
     root = tmp_path / "subject"
     for sub in ("images", "fg_masks", "flame_param"):

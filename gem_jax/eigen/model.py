@@ -49,7 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from gem_jax.artefacts import describe_error
 from gem_jax.atomic import write_npz
+from gem_jax.errors import ArtefactError, MissingArtefactError
 from gem_jax.eigen.pca import CHANNELS, MODALITIES, PCAResult
 from gem_jax.types import Gaussians
 
@@ -66,7 +68,7 @@ class CoefficientClampWarning(UserWarning):
     """Coefficients outside ±COEFF_LIMIT (σ units) were clamped."""
 
 
-class GEMFormatError(ValueError):
+class GEMFormatError(ArtefactError):
     """A GEM file or container is malformed; the message names the file/field and shape."""
 
 
@@ -337,11 +339,11 @@ def load(path: str | os.PathLike) -> GEM:
     """Read a model written by :func:`save`; errors name the file, field and expected shape."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GEM model file")
+        raise MissingArtefactError(f"{path}: no such GEM model file")
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as err:  # zipfile / npy errors of every kind: not an .npz at all
-        raise GEMFormatError(f"{path}: not a readable GEM .npz file ({type(err).__name__}: {err})") from err
+        raise GEMFormatError(f"{path}: not a readable GEM .npz file ({describe_error(err)})") from err
     if not hasattr(npz, "files"):
         raise GEMFormatError(f"{path}: a single .npy array, not a GEM .npz file")
     fields = {}
@@ -350,7 +352,7 @@ def load(path: str | os.PathLike) -> GEM:
             try:
                 fields[name] = npz[name]
             except Exception as err:  # a truncated entry, or an object array (pickle refused)
-                raise GEMFormatError(f"{path}: field {name!r} unreadable ({type(err).__name__}: {err})") from err
+                raise GEMFormatError(f"{path}: field {name!r} unreadable ({describe_error(err)})") from err
     return _from_fields(str(path), fields)
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from gem_jax import parallel
+from gem_jax.artefacts import read_json, read_npz
 from gem_jax.atomic import write_json, write_npz
 from gem_jax.checkpoint import StageCheckpoints
 from gem_jax.data.images import ImageSet, load_images
@@ -159,10 +160,10 @@ class _Best:
             self.k, self.roots = coeffs.of(images.timesteps), roots[images.timesteps]
             self.target = images.composite(slice(None), (1.0, 1.0, 1.0))
             if path.is_file():
-                with np.load(path, allow_pickle=False) as z:
-                    self.U = {m: z[f"U_{m}"] for m in model.U}
-                    self.psnr, self.step = float(z["psnr"]), int(z["step"])
-                    self.history = [tuple(h) for h in z["history"].tolist()]
+                z = read_npz(path, STAGE)
+                self.U = {m: z[f"U_{m}"] for m in model.U}
+                self.psnr, self.step = float(z["psnr"]), int(z["step"])
+                self.history = [tuple(h) for h in z["history"].tolist()]
 
     def offer(self, step: int, U) -> None:
         if self.images is None or any(h[0] == step for h in self.history):
@@ -206,7 +207,7 @@ def comparison_table(workdir: str | os.PathLike) -> str:
         path = workdir / stage / "eval.json"
         if not path.is_file() or not (workdir / stage / MODEL_FILE).is_file():
             continue
-        ev = json.loads(path.read_text())
+        ev = read_json(path, stage)
         model = load_model(workdir, stage)
         comps = "/".join(str(v) for v in model.num_components.values())
         cam = ev.get("held_out_camera", {}).get("psnr", float("nan"))

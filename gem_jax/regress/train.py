@@ -29,7 +29,6 @@ camera). Beside them the fitted-coefficient upper bound of the ``refine`` (or ``
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -42,6 +41,7 @@ import numpy as np
 import optax
 
 from gem_jax import parallel
+from gem_jax.artefacts import read_json
 from gem_jax.atomic import write_json
 from gem_jax.checkpoint import StageCheckpoints
 from gem_jax.data.images import ImageSet, load_images
@@ -322,7 +322,7 @@ def evaluate_reenactment(config, workdir: Path, extractor, out: Path) -> dict:
     for stage in ("refine", "pca"):
         path = Path(workdir) / stage / "eval.json"
         if path.is_file():
-            bound = json.loads(path.read_text()).get("held_out_sequence")
+            bound = read_json(path, stage).get("held_out_sequence")
             if bound:
                 result["fitted_upper_bound"] = {"stage": stage, **bound}
                 break
