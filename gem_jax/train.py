@@ -22,6 +22,8 @@ from ml_collections import config_flags
 from gem_jax.atomic import write_text
 from gem_jax.config_check import check_config
 from gem_jax.errors import ArtefactError, CoefficientError, ConfigError, SubjectFormatError
+from gem_jax.multihost import barrier, initialize
+from gem_jax.stage_lock import StageLockedError, stage_lock
 
 # (stage name, "module:function") in pipeline order. The module is imported only when the
 # stage runs, so a stage that is not built yet never breaks the ones that are.
@@ -80,23 +82,39 @@ def run(config, workdir: str | os.PathLike, stage: str = "all", force: str | Non
     forced = set(STAGE_NAMES[STAGE_NAMES.index(force):]) if force else set()
     if force and force not in STAGE_NAMES:
         raise ValueError(f"--force: unknown stage {force!r}; expected one of {STAGE_NAMES}")
+    import jax
+
+    rank = jax.process_index()
     for name in names:
         if stage == "all" and stage_done(workdir, name) and name not in forced:
             print(f"[gem_jax] stage {name}: already done, skipping ({workdir / name / 'DONE'})")
             continue
         fn = stage_function(name)
-        print(f"[gem_jax] stage {name}: starting")
-        start = time.time()
-        fn(config, workdir, force=name in forced)
-        mark_done(workdir, name)
-        print(f"[gem_jax] stage {name}: done in {time.time() - start:.1f}s")
+        with stage_lock(workdir, name, rank):  # one writer per stage (gem_jax/stage_lock.py)
+            print(f"[gem_jax] stage {name}: starting", flush=True)
+            start = time.time()
+            fn(config, workdir, force=name in forced)
+            barrier(f"gem_jax stage {name} written")  # every process's share is on disk
+            if rank == 0:
+                mark_done(workdir, name)
+        barrier(f"gem_jax stage {name} done")  # no process reads a stage before its DONE exists
+        print(f"[gem_jax] stage {name}: done in {time.time() - start:.1f}s", flush=True)
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: data, checkpoints, outputs.")
 _STAGE = flags.DEFINE_enum("stage", "all", STAGE_NAMES + ["all"], "Stage to run (DESIGN §1).")
 _FORCE = flags.DEFINE_enum("force", None, STAGE_NAMES, "Redo this stage and every stage after it.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one process per host).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Join a multi-process job first (jax.distributed.initialize; "
+                                "gem_jax/multihost.py): one process per host, or several on one machine.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "With --multihost: host:port of process 0's coordinator "
+                                   "(else JAX_COORDINATOR_ADDRESS, else detected: SLURM, Open MPI, Kubernetes, TPU).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --multihost: processes in the job "
+                                      "(else JAX_NUM_PROCESSES, else detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --multihost: this process's id, 0 … N−1 "
+                                   "(else JAX_PROCESS_ID, else detected).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", None, "With --multihost: seconds after which the "
+                                  "others stop when a process dies (JAX's default: 100).")
 
 
 def _main(argv) -> int:
@@ -105,12 +123,13 @@ def _main(argv) -> int:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     if _MULTIHOST.value:
-        import jax
-
-        jax.distributed.initialize()
+        initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value)
+    elif any(f.present for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _HEARTBEAT)):
+        raise app.UsageError("--coordinator, --num_processes, --process_id and --heartbeat_timeout need --multihost")
     try:
         run(_CONFIG.value, _WORKDIR.value, _STAGE.value, _FORCE.value)
-    except (StageNotImplemented, ConfigError, SubjectFormatError, ArtefactError, CoefficientError) as err:
+    except (StageNotImplemented, StageLockedError, ConfigError, SubjectFormatError, ArtefactError,
+            CoefficientError) as err:
         # Bad input at a boundary: the message names the file or field; a traceback adds nothing.
         print(f"[gem_jax] error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
