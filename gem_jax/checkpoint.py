@@ -161,7 +161,9 @@ class StageCheckpoints:
         """Restore ``step`` (default: the latest) into the structure of ``target``.
 
         ``target`` is a pytree of ``jax.ShapeDtypeStruct`` (``jax.eval_shape(init)``, optionally
-        with ``.sharding`` set) or of arrays. Raises :class:`FileNotFoundError` if there is no
+        with ``.sharding`` set; without one a leaf is restored onto this process's first device,
+        so a checkpoint written on other devices or by several processes restores anywhere) or
+        of arrays. Raises :class:`FileNotFoundError` if there is no
         checkpoint and :class:`CheckpointMismatchError` naming the leaves that differ.
         """
         step = self.latest_step() if step is None else int(step)
@@ -170,9 +172,12 @@ class StageCheckpoints:
         if step not in self._manager.all_steps():
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step} "
                                     f"(stored: {self.all_steps()})")
+        # A leaf without a sharding goes to this process's first device, whatever topology wrote
+        # the checkpoint (a teacher trained by a 2-process job, collected by one process).
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
-            lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
-                np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), target)
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None) or local),
+            target)
         check_compatible(self.stored_leaves(step), abstract, f"{self.directory / str(step)}")
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))

@@ -37,6 +37,9 @@ STAGES: list[tuple[str, str | None]] = [
     ("eval", "gem_jax.report:run"),
 ]
 STAGE_NAMES = [name for name, _ in STAGES]
+#: Stages that only read and write files: in a multi-process job process 0 runs them while the
+#: others wait at the stage's barrier (two processes generating one folder would race).
+PROCESS_ZERO_STAGES = {"data", "eval"}
 
 
 class StageNotImplemented(RuntimeError):
@@ -93,7 +96,8 @@ def run(config, workdir: str | os.PathLike, stage: str = "all", force: str | Non
         with stage_lock(workdir, name, rank):  # one writer per stage (gem_jax/stage_lock.py)
             print(f"[gem_jax] stage {name}: starting", flush=True)
             start = time.time()
-            fn(config, workdir, force=name in forced)
+            if rank == 0 or name not in PROCESS_ZERO_STAGES:
+                fn(config, workdir, force=name in forced)
             barrier(f"gem_jax stage {name} written")  # every process's share is on disk
             if rank == 0:
                 mark_done(workdir, name)

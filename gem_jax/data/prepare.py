@@ -45,6 +45,9 @@ def _read_manifest(folder: Path) -> dict | None:
 
 def _generate(folder: Path, manifest: dict, force: bool, write) -> tuple[bool, dict | None]:
     """Write ``folder`` atomically with ``write(tmp_folder) -> summary`` unless it is up to date."""
+    # Temporaries of a run that was killed: no other process writes them (the stage is locked).
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     if folder.exists():
         current = _read_manifest(folder)
         if current is None:

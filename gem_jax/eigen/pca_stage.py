@@ -52,8 +52,9 @@ def run(config, workdir: str | os.PathLike, force: bool = False) -> dict:
         write_npy(out / "coeffs.npy", coeffs)
         write_npy(out / "timesteps.npy", data.timesteps.astype(np.int64))
         (out / "report.txt").write_text(report + "\n")
-    print(f"[pca] {data.num_timesteps} timesteps × {data.num_gaussians} Gaussians in {time.time() - start:.1f}s")
-    print(report)
-    print(f"[pca] {model.summary()}")
-    print(f"[pca] wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB on disk")
+        print(f"[pca] {data.num_timesteps} timesteps × {data.num_gaussians} Gaussians in {time.time() - start:.1f}s")
+        print(report)
+        print(f"[pca] {model.summary()}")
+        # Only process 0 wrote the file, so only it may read it back (a multi-host job races here).
+        print(f"[pca] wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB on disk")
     return evaluate_protocol(config, workdir, model, out, tag="pca")

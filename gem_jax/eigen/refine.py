@@ -310,9 +310,10 @@ def run(config, workdir: str | os.PathLike, force: bool = False, mesh=None) -> d
     if best.U is not None:
         _log(best.describe())
     refined = model.replace(U={m: jnp.asarray(orthonormalize_rows(jnp.asarray(u))) for m, u in U.items()})
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # only process 0 writes, so only it may read the file back
         refined.save(out / MODEL_FILE, dtype=str(config.pca.dtype))
-    _log(f"wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB")
+        _log(f"wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB")
     result = evaluate_protocol(config, workdir, refined, out, tag="refine", extra={"validation": best.summary()})
-    print(comparison_table(workdir), flush=True)
+    if jax.process_index() == 0:
+        print(comparison_table(workdir), flush=True)
     return result

@@ -52,6 +52,7 @@ from gem_jax.head.flame import lbs
 from gem_jax.head.meshraster import project_vertices
 from gem_jax.losses import dssim_loss, l1_loss
 from gem_jax.metrics import psnr
+from gem_jax.multihost import barrier
 from gem_jax.regress.crop import box_from_vertices, crop
 from gem_jax.regress.features import make_extractor
 from gem_jax.regress.model import Regressor, fit_feature_pca, load_regressor, save_regressor
@@ -279,6 +280,7 @@ def run(config, workdir: str | os.PathLike, force: bool = False, mesh=None) -> d
         save_regressor(out / REGRESSOR_FILE, pca, net, params,
                        {"features": extractor.name, "crop_size": int(rc.crop_size), "crop_margin": float(rc.crop_margin)})
         write_json(out / "metrics.json", {"stage": STAGE, "records": records})
+    barrier("regress: regressor written")  # every process reads it back below
     _log(f"trained to step {step} in {time.time() - start_time:.1f}s; wrote {out / REGRESSOR_FILE}")
     return evaluate_reenactment(config, workdir, extractor, out)
 
