@@ -158,7 +158,8 @@ def test_kill_9_anywhere_in_a_stage_then_stage_all_gives_the_same_results(stage,
         again = subprocess.run([*COMMAND, "--workdir", str(work)], stdout=subprocess.PIPE, stderr=log, text=True,
                                timeout=900)
     assert again.returncode == 0, (tmp_path / "stderr.log").read_text()[-3000:]
-    print(f"{stage}: killed {delay:.2f}s into the stage (attempt {attempts}); rerun finished")
+    resumed = next((line for line in again.stdout.splitlines() if "resumed from" in line), "started afresh")
+    print(f"{stage}: killed {delay:.2f}s into the stage (attempt {attempts}); the rerun {resumed.strip()}")
     ours, theirs = outputs(work, stage), outputs(baseline, stage)
     assert sorted(ours) == sorted(theirs), "the same files, no leftover temporaries"
     different = [rel for rel in theirs if not _equal(_content(ours[rel]), _content(theirs[rel]))]

@@ -246,7 +246,9 @@ def run(config, workdir: str | os.PathLike, force: bool = False, mesh=None) -> d
     step_fn = make_train_step(net, rc, optimizer, mesh, images.width, images.height, capacity, seed, backend)
     model_rep = parallel.replicate(model, mesh)
     steps, step = int(rc.steps), int(state["step"])
-    records = []
+    log_path = out / "metrics.json"  # written with every checkpoint, so a resumed run keeps its log
+    resumed = step and log_path.is_file()
+    records = [r for r in read_json(log_path, STAGE)["records"] if r["step"] <= step] if resumed else []
     bar = tqdm(total=steps, initial=step, desc="regress", unit="step", file=sys.stderr, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 15.0, disable=jax.process_index() != 0)
     try:
@@ -271,6 +273,8 @@ def run(config, workdir: str | os.PathLike, force: bool = False, mesh=None) -> d
                 bar.set_postfix(loss=f"{m['loss']:.4f}", psnr=f"{m['psnr']:.2f}", refresh=False)
             if step % ckpt.save_every == 0 or step == steps:
                 ckpt.save(step, state, force=True)
+                if jax.process_index() == 0:
+                    write_json(log_path, {"stage": STAGE, "records": records})
         ckpt.wait()
     finally:
         bar.close()
