@@ -2,15 +2,25 @@
 distilled work directory (data → teacher → collect → pca on ``configs/quickstart.py:tiny``)
 that the GEM tests share, and the same run carried through refine, regress and eval."""
 
+import atexit
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache per session, shared with the processes the tests start
+# (CLI, kill/resume, multi-host): a program is compiled once, not once per process.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="gem_jax_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=4").strip()
