@@ -5,11 +5,10 @@ keys and shapes, and the head model loads and agrees with the tracking. Anything
 
 The subject is the tiny hand-written export of ``test_subject.py`` (2 timesteps × 2 cameras)."""
 
-import cv2
 import numpy as np
 import pytest
 from conftest import tiny_config
-from test_subject import H, N_EXPR, N_SHAPE, N_VERTS, W, edit_json, edit_npz, write_fake_subject
+from test_subject import H, N_EXPR, N_SHAPE, N_VERTS, W, _json, _npz, _rewrite, edit_json, edit_npz, write_fake_subject
 
 from gem_jax import train
 from gem_jax.errors import SubjectFormatError
@@ -43,16 +42,6 @@ def test_an_export_without_any_mask_is_fine(fake, tmp_path, capsys):
     assert "no foreground masks" in capsys.readouterr().out
 
 
-def _write(relative, content):
-    def mutate(fake):
-        path = fake.root / relative
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            cv2.imwrite(str(path), content)
-    return mutate
-
-
 def _truncate(relative, keep=0.5):
     def mutate(fake):
         path = fake.root / relative
@@ -61,33 +50,25 @@ def _truncate(relative, keep=0.5):
     return mutate
 
 
-def _npz(name, **changes):
-    return lambda fake: edit_npz(fake.root / "flame_param" / name, **changes)
-
-
 def _head(**changes):
     return lambda fake: edit_npz(fake.root / "head_model.npz", **changes)
-
-
-def _json(split, fn):
-    return lambda fake: edit_json(fake.root, split, fn)
 
 
 RNG = np.random.default_rng(3)
 BROKEN = {
     # name: (mutation, substrings the message must contain)
-    "empty image": (_write("images/00001_01.png", b""), ["00001_01.png", "not a readable image", "file_path"]),
+    "empty image": (_rewrite("images/00001_01.png", b""), ["00001_01.png", "not a readable image", "file_path"]),
     "truncated image": (_truncate("images/00000_01.png"), ["00000_01.png", "not a readable image"]),
-    "garbage mask": (_write("fg_masks/00001_00.png", b"\x89PNG garbage"), ["fg_masks/00001_00.png", "fg_mask_path"]),
-    "image of another size": (_write("images/00001_00.png", np.zeros((H, W + 3, 3), np.uint8)),
+    "garbage mask": (_rewrite("fg_masks/00001_00.png", b"\x89PNG garbage"), ["fg_masks/00001_00.png", "fg_mask_path"]),
+    "image of another size": (_rewrite("images/00001_00.png", np.zeros((H, W + 3, 3), np.uint8)),
                               ["00001_00.png", f"{W + 3}x{H}", f"w={W}"]),
-    "mask of another size": (_write("fg_masks/00000_00.png", np.zeros((H - 1, W), np.uint8)),
+    "mask of another size": (_rewrite("fg_masks/00000_00.png", np.zeros((H - 1, W), np.uint8)),
                              ["fg_masks/00000_00.png", f"h={H}"]),
     "masks on some frames only": (_json("val", lambda d: d["frames"][0].pop("fg_mask_path")),
                                   ["transforms_val.json: frames[0].fg_mask_path", "every frame or for none"]),
     "two image sizes in a split": (_json("test", lambda d: d["frames"][0].update(w=W + 2)),
                                    ["transforms_test.json", "w/h", "one image size per split"]),
-    "tracking file not an npz": (_write("flame_param/00001.npz", b"PK\x03\x04 not really"),
+    "tracking file not an npz": (_rewrite("flame_param/00001.npz", b"PK\x03\x04 not really"),
                                  ["flame_param/00001.npz", "not a readable .npz"]),
     "tracking file truncated": (_truncate("flame_param/00000.npz"), ["flame_param/00000.npz", "npz"]),
     "tracking key missing": (_npz("00001.npz", neck_pose=None), ["flame_param/00001.npz", "'neck_pose'", "missing"]),
