@@ -26,7 +26,8 @@ Check = Callable[[object], str | None]  # value -> None if fine, else what was e
 
 def integer(lo: int | None = None, hi: int | None = None) -> Check:
     def check(v):
-        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        bad = isinstance(v, bool) or not isinstance(v, int)
+        if bad or (lo is not None and v < lo) or (hi is not None and v > hi):
             bounds = " and ".join(s for s in (f">= {lo}" if lo is not None else "",
                                              f"<= {hi}" if hi is not None else "") if s)
             return f"an integer {bounds}".rstrip()

@@ -114,7 +114,8 @@ def load_regressor(path: str | os.PathLike) -> tuple[FeaturePCA, Regressor, dict
         if key not in fields:
             raise artefact_error(path, "regress", f"missing field {key!r} (not a gem_jax regressor file)")
     if int(fields["format_version"]) != FORMAT_VERSION:
-        raise artefact_error(path, "regress", f"format_version {int(fields['format_version'])} is not {FORMAT_VERSION}")
+        raise artefact_error(path, "regress",
+                             f"format_version {int(fields['format_version'])} is not {FORMAT_VERSION}")
     mean, comps, sigma = fields["pca_mean"], fields["pca_components"], fields["pca_sigma"]
     if mean.ndim != 1 or comps.ndim != 2 or comps.shape[1] != mean.shape[0] or sigma.shape != comps.shape[:1]:
         raise artefact_error(path, "regress", f"feature PCA: expected mean (F,), components (P, F), sigma (P,), "
