@@ -41,7 +41,8 @@ def number(lo: float | None = None, hi: float | None = None, *, above: bool = Fa
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         ok = ok and (lo is None or (v > lo if above else v >= lo)) and (hi is None or v <= hi)
         if not ok:
-            parts = [f"{'>' if above else '>='} {lo:g}" if lo is not None else "", f"<= {hi:g}" if hi is not None else ""]
+            parts = [f"{'>' if above else '>='} {lo:g}" if lo is not None else "",
+                     f"<= {hi:g}" if hi is not None else ""]
             return ("a finite number " + " and ".join(p for p in parts if p)).rstrip()
         return None
     return check

@@ -220,7 +220,8 @@ def head_model_from_arrays(arrays: dict, n_shape: int | None = None, n_expr: int
     if posedirs.shape == (num_p, num_v * 3):  # smplx-style (P, V*3)
         posedirs = posedirs.T.reshape(num_v, 3, num_p)
     if posedirs.shape != (num_v, 3, num_p):
-        raise SubjectFormatError(f"{where}: field 'posedirs' expected shape ({num_v}, 3, {num_p}), got {posedirs.shape}")
+        raise SubjectFormatError(
+            f"{where}: field 'posedirs' expected shape ({num_v}, 3, {num_p}), got {posedirs.shape}")
     j_reg = arrays["J_regressor"]
     j_reg = np.asarray(j_reg.toarray() if hasattr(j_reg, "toarray") else j_reg, dtype=np.float32)
     if j_reg.shape != (num_j, num_v):
@@ -242,7 +243,8 @@ def head_model_from_arrays(arrays: dict, n_shape: int | None = None, n_expr: int
     if "mouth_faces" in arrays:
         mouth = get("mouth_faces").astype(bool)
         if mouth.shape != (faces.shape[0],):
-            raise SubjectFormatError(f"{where}: field 'mouth_faces' expected shape ({faces.shape[0]},), got {mouth.shape}")
+            raise SubjectFormatError(
+                f"{where}: field 'mouth_faces' expected shape ({faces.shape[0]},), got {mouth.shape}")
     for name, arr in (("v_template", v_template), ("shapedirs", shapedirs), ("posedirs", posedirs),
                       ("J_regressor", j_reg), ("weights", weights)):
         if not np.all(np.isfinite(arr)):
