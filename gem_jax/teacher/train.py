@@ -47,8 +47,8 @@ from gem_jax.data.prepare import subject_dir
 from gem_jax.losses import teacher_loss
 from gem_jax.metrics import psnr
 from gem_jax.render import count_intersections, rasterize, round_capacity
-from gem_jax.teacher import data as tdata
 from gem_jax.schedules import warmup_cosine
+from gem_jax.teacher import data as tdata
 from gem_jax.teacher.maps import rigid_transform
 from gem_jax.teacher.model import (ForwardSpec, TeacherConstants, build_constants, forward, init_params, make_net,
                                    world_gaussians_fn)
