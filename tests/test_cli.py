@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
 from gem_jax import train
 
@@ -42,20 +43,21 @@ def test_all_skips_finished_stages_redoes_interrupted_ones_and_force(tmp_path, m
                 raise KeyboardInterrupt(f"{name} interrupted")
         return run
 
+    config = tiny_config()  # checked before any stage; the stages here are stand-ins
     crash = {"on": True}
     fns = {n: stage(n) for n in train.STAGE_NAMES}
     fns["refine"] = stage("refine", fail=lambda: crash["on"])
     monkeypatch.setattr(train, "stage_function", lambda name: fns[name])
     with pytest.raises(KeyboardInterrupt):
-        train.run(None, tmp_path, "all")
+        train.run(config, tmp_path, "all")
     assert [c[0] for c in calls] == ["data", "teacher", "collect", "pca", "refine"]
     assert not (tmp_path / "refine" / "DONE").exists(), "an interrupted stage is not marked done"
     calls.clear()
     crash["on"] = False
-    train.run(None, tmp_path, "all")
+    train.run(config, tmp_path, "all")
     assert [c[0] for c in calls] == ["refine", "regress", "eval"], "finished stages are skipped"
     calls.clear()
-    train.run(None, tmp_path, "all", force="regress")
+    train.run(config, tmp_path, "all", force="regress")
     assert calls == [("regress", True), ("eval", True)]
     with pytest.raises(ValueError, match="unknown stage"):
-        train.run(None, tmp_path, "nope")
+        train.run(config, tmp_path, "nope")
