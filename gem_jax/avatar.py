@@ -22,7 +22,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from gem_jax.eigen.model import GEM
+from gem_jax.eigen.model import GEM, check_coefficients
 from gem_jax.types import Camera, Gaussians
 
 __all__ = ["Avatar", "load"]
@@ -63,14 +63,17 @@ class Avatar:
         return self._coeffs.of([timestep])[0]
 
     def evaluate(self, k) -> Gaussians:
-        """``G(k)`` in the head frame (clamped to ±3σ)."""
-        return self.model.evaluate(jnp.asarray(k, jnp.float32))
+        """``G(k)`` in the head frame (NaN/Inf refused, beyond ±3σ clamped with a warning)."""
+        k = check_coefficients(self.model, k, where="Avatar.evaluate: coefficients")
+        return self.model.evaluate(jnp.asarray(k), clamp=None)
 
     def render(self, k, camera: Camera, pose=None, background=(1.0, 1.0, 1.0), backend: str = "auto") -> np.ndarray:
-        """``(H, W, 3)`` image of coefficients ``k`` posed by ``pose`` seen by ``camera``."""
+        """``(H, W, 3)`` image of coefficients ``k`` (``(ΣK,)``, NaN/Inf refused, beyond ±3σ clamped
+        with a warning) posed by ``pose`` seen by ``camera``."""
         from gem_jax.eigen.render import render_exact
 
-        k = np.asarray(k, np.float32).reshape(1, -1)
+        k = check_coefficients(self.model, np.asarray(k, np.float32).reshape(-1),
+                               where="Avatar.render: coefficients").reshape(1, -1)
         pose = self.neutral_pose if pose is None else np.asarray(pose, np.float32)
         return render_exact(self.model, k, pose[None], np.asarray(camera.viewmat)[None], np.asarray(camera.K)[None],
                             background, camera.width, camera.height, backend)[0]

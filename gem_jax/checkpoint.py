@@ -7,7 +7,8 @@ go against a *shape-only* target — ``jax.eval_shape`` of the state's initialis
 memory is spent on a throw-away state, and the stored tree is checked leaf by leaf first: a
 checkpoint of another configuration raises :class:`CheckpointMismatchError` naming the leaf
 (``params.geometry_net.stem.kernel: stored (3, 3, 14, 16) float32, expected (3, 3, 14, 32)
-float32``) instead of a generic shape error.
+float32``) instead of a generic shape error, and a checkpoint whose files were damaged after
+they were written raises an :class:`~gem_jax.errors.ArtefactError` naming the step folder.
 
     ckpt = StageCheckpoints(workdir / "teacher" / "ckpt", max_to_keep=2)
     if ckpt.latest_step() is not None:
@@ -28,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gem_jax.errors import ArtefactError
+
 __all__ = ["CheckpointMismatchError", "StageCheckpoints", "leaf_name"]
 
 
@@ -44,7 +47,7 @@ def _quiet_orbax() -> None:
         logger.addFilter(_QuietOrbax())
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ArtefactError):
     """A stored checkpoint does not match the state it is restored into (names the leaves)."""
 
 
@@ -113,7 +116,12 @@ class StageCheckpoints:
 
     def stored_leaves(self, step: int) -> dict[str, tuple[tuple, Any]]:
         """``{leaf name: (shape, dtype)}`` of a stored checkpoint (from its metadata only)."""
-        meta = self._manager.item_metadata(step)
+        try:
+            meta = self._manager.item_metadata(step)
+        except Exception as err:  # a truncated or garbled metadata file
+            raise self._corrupt(step, err) from err
+        if meta is None:
+            raise self._corrupt(step, ValueError("no item metadata"))
         tree = getattr(meta, "tree", meta)
         leaves = jax.tree_util.tree_flatten_with_path(
             tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
@@ -144,7 +152,9 @@ class StageCheckpoints:
         """Restore ``step`` (default: the latest) into the structure of ``target``.
 
         ``target`` is a pytree of ``jax.ShapeDtypeStruct`` (``jax.eval_shape(init)``, optionally
-        with ``.sharding`` set) or of arrays. Raises :class:`FileNotFoundError` if there is no
+        with ``.sharding`` set; without one a leaf is restored onto this process's first device,
+        so a checkpoint written on other devices or by several processes restores anywhere) or
+        of arrays. Raises :class:`FileNotFoundError` if there is no
         checkpoint and :class:`CheckpointMismatchError` naming the leaves that differ.
         """
         step = self.latest_step() if step is None else int(step)
@@ -153,11 +163,24 @@ class StageCheckpoints:
         if step not in self._manager.all_steps():
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step} "
                                     f"(stored: {self.all_steps()})")
+        # A leaf without a sharding goes to this process's first device, whatever topology wrote
+        # the checkpoint (a teacher trained by a 2-process job, collected by one process).
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
-            lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
-                np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), target)
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None) or local),
+            target)
         check_compatible(self.stored_leaves(step), abstract, f"{self.directory / str(step)}")
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as err:  # truncated or garbled array files
+            raise self._corrupt(step, err) from err
+
+    def _corrupt(self, step: int, err: Exception) -> ArtefactError:
+        stage = self.directory.parent.name
+        return ArtefactError(
+            f"{self.directory / str(step)}: checkpoint unreadable ({type(err).__name__}: {str(err)[:300]}); delete "
+            f"that folder to resume from the previous checkpoint {[s for s in self.all_steps() if s < step]}, or "
+            f"redo the stage with --force {stage}")
 
     def restore_as_saved(self, step: int | None = None) -> Any:
         """The stored tree of ``step`` (default: the latest) as it was saved, without a target

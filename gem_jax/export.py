@@ -28,22 +28,34 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from gem_jax.eigen.model import COEFF_LIMIT, GEM, size_mb, split_coeffs
+from gem_jax.artefacts import describe_error
+from gem_jax.eigen.model import COEFF_LIMIT, GEM, check_coefficients, size_mb
 from gem_jax.eigen.pca import MODALITIES
 from gem_jax.eigen.render import render_exact
+from gem_jax.errors import ArtefactError, CoefficientError, SubjectFormatError
 from gem_jax.render.ply import write_ply
 from gem_jax.rigid import rigid_transform
 from gem_jax.video import VideoWriter, write_png
 
-__all__ = ["component_sweep", "export_ply", "main", "sweep_coefficients"]
+__all__ = ["component_sweep", "export_ply", "main", "read_coefficients", "sweep_coefficients"]
 
 
 def export_ply(model: GEM, k, path: str | os.PathLike, root: np.ndarray | None = None) -> Path:
-    """Write ``G(k)`` (posed by ``root`` if given) as a standard 3DGS ``.ply``."""
-    g = model.evaluate(jnp.asarray(k, jnp.float32))
+    """Write ``G(k)`` (posed by ``root`` if given) as a standard 3DGS ``.ply`` (``k``: NaN/Inf refused,
+    beyond ±3σ clamped with a warning)."""
+    k = check_coefficients(model, k, where=f"export {Path(path).name}: coefficients")
+    g = model.evaluate(jnp.asarray(k), clamp=None)
     if root is not None:
         g = rigid_transform(g, jnp.asarray(root, jnp.float32))
     return write_ply(path, g)
+
+
+def read_coefficients(path: str | os.PathLike) -> np.ndarray:
+    """A user's coefficient file (``.npy``, σ units); an unreadable one is a :class:`CoefficientError`."""
+    try:
+        return np.asarray(np.load(path, allow_pickle=False), np.float32)
+    except Exception as err:
+        raise CoefficientError(f"{path}: not a readable .npy coefficient vector ({describe_error(err)})") from err
 
 
 def sweep_coefficients(model: GEM, modality: str, index: int, frames: int = 13) -> np.ndarray:
@@ -67,7 +79,7 @@ def component_sweep(model: GEM, out: str | os.PathLike, viewmat: np.ndarray, K: 
     written = []
     for m in MODALITIES:
         for i in range(min(components, model.num_components[m])):
-            k = sweep_coefficients(model, m, i, frames)
+            k = check_coefficients(model, sweep_coefficients(model, m, i, frames), where="sweep coefficients")
             n = len(k)
             images = render_exact(model, k, np.broadcast_to(root, (n, 4, 4)), np.broadcast_to(viewmat, (n, 4, 4)),
                                   np.broadcast_to(K, (n, 3, 3)), background, width, height)
@@ -101,9 +113,17 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(args)
+    except (CoefficientError, ArtefactError, SubjectFormatError) as err:  # names the file / field
+        print(f"[export] error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from gem_jax.eigen.workdir import load_model, load_pca_coefficients, load_roots
 
-    args = _parse(sys.argv[1:] if argv is None else argv)
     workdir = Path(args.workdir)
     model = load_model(workdir, args.stage)
     print(model.summary())
@@ -117,8 +137,7 @@ def main(argv=None) -> int:
         if args.coeffs and args.timestep is not None:
             raise SystemExit("--coeffs and --timestep are exclusive")
         if args.coeffs:
-            k = np.load(args.coeffs, allow_pickle=False).astype(np.float32)
-            split_coeffs(model, k)  # shape check with a clear message
+            k = check_coefficients(model, read_coefficients(args.coeffs), where=f"--coeffs {args.coeffs}")
         elif args.timestep is not None:
             k = coeffs.of([args.timestep])[0]
         else:

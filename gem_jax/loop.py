@@ -43,7 +43,7 @@ from gem_jax.checkpoint import StageCheckpoints
 from gem_jax.render import round_capacity
 
 __all__ = ["HOST_ONLY_KEYS", "LoopSettings", "MAX_RESTORES", "MetricsLog", "SectionKey", "example_keys", "keep_if", "log", "make_step",
-           "photometric_target", "train", "warmup_cosine_schedule"]
+           "photometric_target", "train"]
 
 MAX_RESTORES = 3  # checkpoint restores after runs of non-finite steps before the stage gives up
 
@@ -70,14 +70,6 @@ class LoopSettings:
         return cls(steps=int(section.steps), log_every=max(get("log_every", 100), 1),
                    checkpoint_every=max(get("checkpoint_every", 1000), 1),
                    keep_checkpoints=max(get("keep_checkpoints", 2), 1), max_bad_steps=max(get("max_bad_steps", 20), 1))
-
-
-def warmup_cosine_schedule(section) -> optax.Schedule:
-    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then cosine decay to
-    ``lr · end_lr_factor`` at ``steps`` (the teacher's and the regressor's schedule)."""
-    steps, warmup = int(section.steps), min(int(section.warmup_steps), max(int(section.steps) - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, float(section.lr), max(warmup, 1), max(steps, warmup + 1),
-                                              float(section.lr) * float(section.end_lr_factor))
 
 
 # ----------------------------------------------------------------------------- inside the step

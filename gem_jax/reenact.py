@@ -58,6 +58,7 @@ def reenact(model_dir, driver, out, neutral: int = 0, camera: int | None = None,
     import jax.numpy as jnp
 
     from gem_jax.context import StageContext
+    from gem_jax.eigen.model import check_coefficients
     from gem_jax.eigen.render import render_exact
     from gem_jax.eigen.workdir import load_model, load_pca_coefficients, load_roots
     from gem_jax.evaluation import render_all
@@ -94,6 +95,7 @@ def reenact(model_dir, driver, out, neutral: int = 0, camera: int | None = None,
     feats = timed("features", n, lambda: extractor(crops))
     regressor.predict(feats[:1] - feats[:1])  # compile outside the timings
     k = timed("regress", n, lambda: regressor.predict(feats - feats[neutral]))
+    k = check_coefficients(gem, k, where="reenact: regressed coefficients")
     cameras = {**subject.cameras("train"), **subject.cameras("val")}
     if camera is None:
         camera = next(iter(subject.cameras("val")), next(iter(cameras)))

@@ -21,7 +21,6 @@ truth, then each model). A stage that has not run is reported as missing, never 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from gem_jax.artefacts import read_json
 from gem_jax.atomic import write_json
 
 __all__ = ["collect_metrics", "metrics_table", "run"]
@@ -53,7 +53,7 @@ def collect_metrics(workdir: str | os.PathLike) -> dict:
         if not path.is_file():
             out[name] = {"missing": f"{path} (run --stage {stage})"}
             continue
-        ev = json.loads(path.read_text())
+        ev = read_json(path, stage)
         out[name] = {col: {m: ev[key][m] for m in (*METRICS, "num_images", "coefficients") if m in ev[key]}
                      for col, key in columns.items() if key in ev}
     return out

@@ -25,7 +25,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gem_jax.atomic import write_text
+from gem_jax.config_check import check_config
 from gem_jax.context import StageContext
+from gem_jax.errors import ArtefactError, CoefficientError, ConfigError, SubjectFormatError
+from gem_jax.multihost import barrier, initialize
+from gem_jax.stage_lock import StageLockedError, stage_lock
 
 __all__ = ["STAGES", "STAGE_NAMES", "Stage", "main", "run", "stage_done", "stage_function"]
 
@@ -51,6 +55,9 @@ STAGES: list[Stage] = [
     Stage("eval", "gem_jax.report:run", ()),
 ]
 STAGE_NAMES = [stage.name for stage in STAGES]
+#: Stages that only read and write files: in a multi-process job process 0 runs them while the
+#: others wait at the stage's barrier (two processes generating one folder would race).
+PROCESS_ZERO_STAGES = {"data", "eval"}
 
 
 def stage_function(name: str):
@@ -69,16 +76,11 @@ def mark_done(workdir: Path, name: str) -> None:
     write_text(workdir / name / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
 
 
-def _start_over(ctx: StageContext, name: str) -> None:
+def _start_over(ctx: StageContext, name: str, rank: int) -> None:
     """``--force``: remove the stage's folder (process 0), so it starts from nothing."""
-    import jax
-
-    if jax.process_index() == 0:
+    if rank == 0:
         shutil.rmtree(ctx.stage_dir(name), ignore_errors=True)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"gem_jax --force {name}")
+    barrier(f"gem_jax --force {name}")
 
 
 def run(config, workdir: str | os.PathLike, stage: str = "all", force: str | None = None, mesh=None) -> None:
@@ -86,9 +88,14 @@ def run(config, workdir: str | os.PathLike, stage: str = "all", force: str | Non
 
     ``force`` names a stage to redo together with every stage after it; ``mesh`` replaces the
     default mesh over every device (tests).
+
+    Every process of a multi-process job runs this with the same arguments: each stage runs
+    under its lock (one writer per stage, gem_jax/stage_lock.py) between two barriers, and only
+    process 0 writes ``DONE``.
     """
     import jax
 
+    check_config(config)  # every field, once, before any stage (gem_jax/config_check.py)
     workdir = Path(workdir)
     names = STAGE_NAMES if stage == "all" else [stage]
     for name in names + ([force] if force else []):
@@ -97,7 +104,8 @@ def run(config, workdir: str | os.PathLike, stage: str = "all", force: str | Non
     forced = set(STAGE_NAMES[STAGE_NAMES.index(force):]) if force else set()
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext.from_config(config, workdir, mesh=mesh)
-    if jax.process_index() == 0:
+    rank = jax.process_index()
+    if rank == 0:
         ctx.save()
     for spec in STAGES:
         if spec.name not in names:
@@ -105,21 +113,34 @@ def run(config, workdir: str | os.PathLike, stage: str = "all", force: str | Non
         if stage == "all" and stage_done(workdir, spec.name) and spec.name not in forced:
             print(f"[gem_jax] stage {spec.name}: already done, skipping ({workdir / spec.name / 'DONE'})")
             continue
-        if spec.name in forced:
-            _start_over(ctx, spec.name)
-        print(f"[gem_jax] stage {spec.name}: starting")
-        start = time.time()
-        stage_function(spec.name)(ctx, *(config[section] for section in spec.sections))
-        if jax.process_index() == 0:
-            mark_done(workdir, spec.name)
-        print(f"[gem_jax] stage {spec.name}: done in {time.time() - start:.1f}s")
+        with stage_lock(workdir, spec.name, rank):
+            if spec.name in forced:
+                _start_over(ctx, spec.name, rank)
+            print(f"[gem_jax] stage {spec.name}: starting", flush=True)
+            start = time.time()
+            if rank == 0 or spec.name not in PROCESS_ZERO_STAGES:
+                stage_function(spec.name)(ctx, *(config[section] for section in spec.sections))
+            barrier(f"gem_jax stage {spec.name} written")  # every process's share is on disk
+            if rank == 0:
+                mark_done(workdir, spec.name)
+        barrier(f"gem_jax stage {spec.name} done")  # no process reads a stage before its DONE exists
+        print(f"[gem_jax] stage {spec.name}: done in {time.time() - start:.1f}s", flush=True)
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: data, checkpoints, outputs.")
 _STAGE = flags.DEFINE_enum("stage", "all", STAGE_NAMES + ["all"], "Stage to run (docs/architecture.md §1).")
 _FORCE = flags.DEFINE_enum("force", None, STAGE_NAMES, "Redo this stage and every stage after it.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one process per host).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Join a multi-process job first (jax.distributed.initialize; "
+                                "gem_jax/multihost.py): one process per host, or several on one machine.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "With --multihost: host:port of process 0's coordinator "
+                                   "(else JAX_COORDINATOR_ADDRESS, else detected: SLURM, Open MPI, Kubernetes, TPU).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --multihost: processes in the job "
+                                      "(else JAX_NUM_PROCESSES, else detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --multihost: this process's id, 0 … N−1 "
+                                   "(else JAX_PROCESS_ID, else detected).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", None, "With --multihost: seconds after which the "
+                                  "others stop when a process dies (JAX's default: 100).")
 
 
 def _main(argv) -> int:
@@ -128,10 +149,15 @@ def _main(argv) -> int:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     if _MULTIHOST.value:
-        import jax
-
-        jax.distributed.initialize()
-    run(_CONFIG.value, _WORKDIR.value, _STAGE.value, _FORCE.value)
+        initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value)
+    elif any(f.present for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _HEARTBEAT)):
+        raise app.UsageError("--coordinator, --num_processes, --process_id and --heartbeat_timeout need --multihost")
+    try:
+        run(_CONFIG.value, _WORKDIR.value, _STAGE.value, _FORCE.value)
+    except (StageLockedError, ConfigError, SubjectFormatError, ArtefactError, CoefficientError) as err:
+        # Bad input at a boundary: the message names the file or field; a traceback adds nothing.
+        print(f"[gem_jax] error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -102,3 +102,25 @@ def test_an_interrupted_save_is_ignored_on_resume(tmp_path):
     assert again.latest_step() == 2
     assert_trees_equal(again.restore(jax.eval_shape(make_state)), state)
     again.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_a_damaged_checkpoint_is_an_artefact_error_naming_the_step(tmp_path, damage):
+    from gem_jax.errors import ArtefactError
+
+    state = make_state()
+    ckpt = StageCheckpoints(tmp_path / "teacher" / "ckpt")
+    ckpt.save(5, state, force=True)
+    ckpt.save(7, state, force=True)
+    ckpt.close()
+    files = [p for p in (tmp_path / "teacher" / "ckpt" / "7").rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncate" else bytes(b ^ 0x5A for b in data))
+    again = StageCheckpoints(tmp_path / "teacher" / "ckpt")
+    with pytest.raises(ArtefactError) as info:
+        again.restore(jax.eval_shape(make_state))
+    message = str(info.value)
+    assert "ckpt/7: checkpoint unreadable" in message and "[5]" in message and "--force teacher" in message
+    again.close()

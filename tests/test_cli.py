@@ -45,6 +45,7 @@ def test_all_skips_finished_stages_redoes_interrupted_ones_and_force(tmp_path, m
                 raise KeyboardInterrupt(f"{name} interrupted")
         return run
 
+    config = tiny_config()  # checked before any stage; the stages here are stand-ins
     crash = {"on": True}
     fns = {n: stage(n) for n in train.STAGE_NAMES}
     fns["refine"] = stage("refine", fail=lambda: crash["on"])

@@ -2,11 +2,15 @@
 
     python -m gem_jax.train --config configs/quickstart.py --workdir runs/q --stage data
 
-* ``config.data.subject_dir`` set: load it with the reader (:func:`gem_jax.data.subject.load_subject`)
-  and print a summary; nothing is written.
+* ``config.data.subject_dir`` set: read *every* file of it and of the head model
+  (:func:`gem_jax.data.validate.validate_subject`: images decode at their declared size, masks
+  all there or all absent, tracking npz keys and shapes, the head model agrees with the
+  tracking) and print what was checked; nothing is written. Any problem is a
+  ``SubjectFormatError`` naming the file and the field, raised before ``data/DONE`` exists.
 * otherwise: generate the synthetic subject (``config.synthetic``, ``config.seed``) into
   ``<workdir>/data`` and the cross-identity ground truth (identity ``synthetic.cross_identity``
-  performing the held-out sequence, same cameras) into ``<workdir>/data_cross``.
+  performing the held-out sequence, same cameras) into ``<workdir>/data_cross``, and validate
+  both the same way.
 
 Each folder is written into a temporary sibling and renamed into place, so a folder that
 exists is complete. It carries ``synthetic_manifest.json`` (the generator settings); a folder
@@ -41,6 +45,9 @@ def _read_manifest(folder: Path) -> dict | None:
 
 def _generate(folder: Path, manifest: dict, write) -> tuple[bool, dict | None]:
     """Write ``folder`` atomically with ``write(tmp_folder) -> summary`` unless it is up to date."""
+    # Temporaries of a run that was killed: no other process writes them (the stage is locked).
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     if folder.exists():
         current = _read_manifest(folder)
         if current is None:
@@ -76,20 +83,25 @@ def _describe(name: str, folder: Path, summary: dict | None, seconds: float | No
             f"images {frames} ({w}x{h}), head model {summary['vertices']} vertices / {summary['faces']} faces")
 
 
-def _summarise_subject(subject_dir: str) -> None:
+def check_subject(folder: str | os.PathLike, head_model: str | None = None, n_shape: int = 0, n_expr: int = 0,
+                  need_train: bool = True) -> None:
+    """Read every file of a subject folder and its head model, print what was checked
+    (:func:`gem_jax.data.validate.validate_subject`); raise ``SubjectFormatError`` on any problem."""
     from gem_jax.data.subject import load_subject
+    from gem_jax.data.validate import validate_subject
 
     start = time.time()
-    subject = load_subject(subject_dir)
-    summary = getattr(subject, "summary", None)
-    text = summary() if callable(summary) else repr(subject)
-    print(f"[data] subject {subject_dir}: loaded in {time.time() - start:.1f}s: {text[:500]}")
+    subject = load_subject(folder)
+    checked = validate_subject(subject, head_model, int(n_shape), int(n_expr), need_train)
+    print(f"[data] checked in {time.time() - start:.1f}s: {checked}")
+    print(f"[data] {subject.summary()}")
 
 
 def run(ctx, synthetic_config) -> None:
     """The data stage (see module docstring); ``synthetic_config`` is ``config.synthetic``."""
+    sizes = dict(head_model=ctx.head_model_path or None, n_shape=ctx.n_shape, n_expr=ctx.n_expr)
     if not ctx.synthetic:
-        _summarise_subject(str(ctx.subject_dir))
+        check_subject(ctx.subject_dir, **sizes)
         return
     from gem_jax.data import synthetic
 
@@ -103,6 +115,7 @@ def run(ctx, synthetic_config) -> None:
     start = time.time()
     wrote, summary = _generate(workdir / "data", _manifest(syn, seed, syn.identity, "all"), main_subject)
     print(_describe("synthetic subject", workdir / "data", summary, time.time() - start if wrote else None))
+    check_subject(workdir / "data", **sizes)
     cross = int(syn.cross_identity)
     if cross >= 0 and cross != int(syn.identity):
         start = time.time()
@@ -111,3 +124,4 @@ def run(ctx, synthetic_config) -> None:
             lambda tmp: synthetic.write_cross_identity(tmp, syn, seed, cross))
         print(_describe("cross-identity ground truth", workdir / "data_cross", summary,
                         time.time() - start if wrote else None))
+        check_subject(workdir / "data_cross", **sizes, need_train=False)

@@ -50,8 +50,9 @@ def run(ctx, pconfig) -> dict:
         write_npy(out / "coeffs.npy", coeffs)
         write_npy(out / "timesteps.npy", data.timesteps.astype(np.int64))
         write_text(out / "report.txt", report + "\n")
+        # Only process 0 wrote the file, so only it may read it back (a multi-host job races here).
+        log(STAGE, f"wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB on disk")
     log(STAGE, f"{data.num_timesteps} timesteps × {data.num_gaussians} Gaussians in {time.time() - start:.1f}s")
     log(STAGE, "explained variance:\n" + report)
     log(STAGE, f"{model.summary()}")
-    log(STAGE, f"wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB on disk")
     return evaluate_gem(ctx, model, out, tag=STAGE)

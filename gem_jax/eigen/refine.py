@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from gem_jax import loop, parallel
+from gem_jax.artefacts import read_npz
 from gem_jax.atomic import write_npz
 from gem_jax.batching import sample_rows
 from gem_jax.data.images import ImageSet, load_images
@@ -141,10 +142,10 @@ class _Best:
             self.k, self.roots = coeffs.of(images.timesteps), roots[images.timesteps]
             self.target = images.composite(slice(None), (1.0, 1.0, 1.0))
             if path.is_file():
-                with np.load(path, allow_pickle=False) as z:
-                    self.U = {m: z[f"U_{m}"] for m in model.U}
-                    self.psnr, self.step = float(z["psnr"]), int(z["step"])
-                    self.history = [tuple(h) for h in z["history"].tolist()]
+                z = read_npz(path, STAGE)
+                self.U = {m: z[f"U_{m}"] for m in model.U}
+                self.psnr, self.step = float(z["psnr"]), int(z["step"])
+                self.history = [tuple(h) for h in z["history"].tolist()]
 
     def offer(self, step: int, U) -> None:
         if self.images is None or any(h[0] == step for h in self.history):
@@ -214,8 +215,8 @@ def run(ctx, rconfig) -> dict:
     if best.U is not None:
         loop.log(STAGE, best.describe())
     refined = model.replace(U={m: jnp.asarray(orthonormalize_rows(jnp.asarray(u))) for m, u in U.items()})
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # only process 0 writes, so only it may read the file back
         refined.save(out / MODEL_FILE, dtype=stored_dtype(ctx.workdir / "pca" / MODEL_FILE))
-    loop.log(STAGE, f"wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB")
+        loop.log(STAGE, f"wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB")
     result = evaluate_gem(ctx, refined, out, tag=STAGE, extra={"validation": best.summary()})
     return result

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
+from gem_jax.errors import SubjectFormatError
+
 try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core import multiarray as _multiarray
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle asked for a global outside the FLAME allow-list."""
+class UnsafePickleError(SubjectFormatError, pickle.UnpicklingError):
+    """A pickle asked for a global outside the FLAME allow-list (a :class:`SubjectFormatError`)."""
 
 
 class _ChumpyState:
@@ -136,8 +138,11 @@ def load_flame_pickle(path: str | Path) -> dict:
             raw = ArrayUnpickler(fh, encoding="latin1").load()
     except UnsafePickleError as err:
         raise UnsafePickleError(f"{path}: {err}") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable FLAME pickle ({err})") from err
+    except Exception as err:  # truncated, garbage, or a pickle of something else: all unreadable
+        raise SubjectFormatError(f"{path}: not a readable FLAME pickle ({type(err).__name__}: {err})") from err
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a dict of arrays, got {type(raw).__name__}")
-    return {str(k): _to_plain(v) for k, v in raw.items()}
+        raise SubjectFormatError(f"{path}: expected a dict of arrays, got {type(raw).__name__}")
+    try:
+        return {str(k): _to_plain(v) for k, v in raw.items()}
+    except Exception as err:
+        raise SubjectFormatError(f"{path}: not a readable FLAME pickle ({type(err).__name__}: {err})") from err

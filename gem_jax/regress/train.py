@@ -30,7 +30,6 @@ camera). Beside them the fitted-coefficient upper bound of the ``refine`` (or ``
 from __future__ import annotations
 
 import functools
-import json
 import time
 
 import jax
@@ -39,6 +38,7 @@ import numpy as np
 import optax
 
 from gem_jax import loop, parallel
+from gem_jax.artefacts import read_json
 from gem_jax.atomic import write_json
 from gem_jax.batching import sample_rows
 from gem_jax.data.images import ImageSet, load_images
@@ -51,10 +51,12 @@ from gem_jax.head.flame import lbs
 from gem_jax.head.meshraster import project_vertices
 from gem_jax.losses import dssim_loss, l1_loss
 from gem_jax.metrics import psnr
+from gem_jax.multihost import barrier
 from gem_jax.regress.crop import box_from_vertices, crop
 from gem_jax.regress.features import make_extractor
 from gem_jax.regress.inference import REGRESSOR_FILE, TrainedRegressor, neutral_timestep
 from gem_jax.regress.model import Regressor, fit_feature_pca, save_regressor
+from gem_jax.schedules import warmup_cosine
 
 __all__ = ["compiled_train_step", "make_train_step", "relative_features", "run", "tracked_crops"]
 
@@ -89,7 +91,8 @@ def relative_features(features: np.ndarray, images: ImageSet, neutral_t: int) ->
 
 def make_optimizer(rc) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(float(rc.clip_norm)),
-                       optax.adamw(loop.warmup_cosine_schedule(rc), weight_decay=float(rc.weight_decay)))
+                       optax.adamw(warmup_cosine(rc.lr, rc.steps, rc.warmup_steps, rc.end_lr_factor),
+                                   weight_decay=float(rc.weight_decay)))
 
 
 def make_train_step(net: Regressor, rc, optimizer, mesh, width: int, height: int, capacity: int, seed: int,
@@ -207,6 +210,7 @@ def run(ctx, rconfig) -> dict:
     if jax.process_index() == 0:
         save_regressor(out / REGRESSOR_FILE, pca, net, jax.device_get(state["params"]),
                        {"features": extractor.name, "crop_size": int(rc.crop_size), "crop_margin": float(rc.crop_margin)})
+    barrier("regress: regressor written")  # every process reads it back below
     loop.log(STAGE, f"wrote {out / REGRESSOR_FILE} ({time.time() - start_time:.1f}s)")
     return evaluate_reenactment(ctx, rc, extractor, out)
 
@@ -236,7 +240,7 @@ def evaluate_reenactment(ctx, rc, extractor, out) -> dict:
     for stage in ("refine", "pca"):
         path = ctx.stage_dir(stage) / "eval.json"
         if path.is_file():
-            bound = json.loads(path.read_text()).get("held_out_sequence")
+            bound = read_json(path, stage).get("held_out_sequence")
             if bound:
                 result["fitted_upper_bound"] = {"stage": stage, **bound}
                 break

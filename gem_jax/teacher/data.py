@@ -85,9 +85,12 @@ def mouth_masks(images: ImageSet, meshes: Meshes, model: HeadModel, cache: Path 
                           images.viewmats.reshape(-1), images.Ks.reshape(-1),
                           [images.height, images.width, int(model.mouth_faces.sum())]])
     if cache is not None and cache.is_file():
-        with np.load(cache) as data:
-            if data["key"].shape == key.shape and np.allclose(data["key"], key):
-                return data["masks"]
+        try:
+            with np.load(cache, allow_pickle=False) as data:
+                if data["key"].shape == key.shape and np.allclose(data["key"], key):
+                    return data["masks"]
+        except Exception as err:  # a damaged cache is rebuilt, not trusted
+            print(f"[teacher] {cache}: unreadable mask cache ({type(err).__name__}), rebuilding it")
     faces, mouth = np.asarray(model.faces), np.asarray(model.mouth_faces, bool)
     out = np.zeros((images.num, images.height, images.width), np.uint8)
 

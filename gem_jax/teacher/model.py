@@ -37,7 +37,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from gem_jax.head.flame import FlameParams, HeadModel
-from gem_jax.head.uv import UVRaster, normal_map, position_map, rasterize_uv
+from gem_jax.head.uv import UVRaster, degenerate_faces, drop_faces, normal_map, position_map, rasterize_uv
 from gem_jax.teacher import maps
 from gem_jax.teacher.unet import TeacherNet
 from gem_jax.types import Gaussians
@@ -92,11 +92,12 @@ def build_constants(model: HeadModel, canonical_params: FlameParams, tconfig) ->
     levels = len(tconfig.unet.channels)
     if res % (1 << (levels - 1)) or res % (1 << (len(tconfig.unet.color_channels) - 1)):
         raise ValueError(f"teacher.uv_resolution={res} must be divisible by 2^(levels-1) of teacher.unet.channels")
-    uv = rasterize_uv(model.vt, model.ft, res)
     params = jax.tree.map(jnp.asarray, canonical_params)
     verts, _ = jax.jit(lambda p: maps.root_free_mesh(model, p))(params)  # the model is closed over: its
     # static fields (faces, UVs) are arrays, which jit cannot hash
     verts = np.asarray(verts)
+    # Texels on faces without area on the canonical mesh have no frame (gem_jax.head.uv).
+    uv = drop_faces(rasterize_uv(model.vt, model.ft, res), degenerate_faces(verts, model.faces))
     canonical = maps.canonical_gaussians(verts, model.faces, model.vt, model.ft, uv,
                                          float(tconfig.scale_factor), float(tconfig.normal_ratio))
     pmap = np.asarray(jax.jit(lambda v: position_map(v, model.faces, uv))(jnp.asarray(verts)))

@@ -39,6 +39,7 @@ from gem_jax.evaluation import EVAL_SPLITS, Protocol
 from gem_jax.frames import frames_capacity, render_frames, render_frames_exact
 from gem_jax.losses import teacher_loss
 from gem_jax.metrics import psnr
+from gem_jax.schedules import warmup_cosine
 from gem_jax.teacher import data as tdata
 from gem_jax.teacher.maps import rigid_transform
 from gem_jax.teacher.model import (ForwardSpec, TeacherConstants, build_constants, forward, init_params, make_net,
@@ -50,9 +51,14 @@ __all__ = ["STAGE", "TeacherData", "compiled_train_step", "evaluate_teacher", "i
 STAGE = "teacher"
 
 
+def make_schedule(tconfig) -> optax.Schedule:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr · end_lr_factor`` at ``steps``."""
+    return warmup_cosine(tconfig.lr, tconfig.steps, tconfig.warmup_steps, tconfig.end_lr_factor)
+
+
 def make_optimizer(tconfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(float(tconfig.clip_norm)),
-                       optax.adam(loop.warmup_cosine_schedule(tconfig)))
+                       optax.adam(make_schedule(tconfig)))
 
 
 def init_state(net, tconfig, optimizer, seed: int) -> dict:
@@ -69,7 +75,7 @@ def make_train_step(net, tconfig, optimizer, mesh, width: int, height: int, capa
     """
     spec = ForwardSpec.from_config(tconfig)
     weights, style_std, random_bg = tconfig.loss, float(tconfig.style_std), bool(tconfig.random_background)
-    schedule = loop.warmup_cosine_schedule(tconfig)
+    schedule = make_schedule(tconfig)
 
     def grad_fn(params, batch, consts, lpips_params, step):
         keys = loop.example_keys(seed, step, batch["index"])
