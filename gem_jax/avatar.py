@@ -1,4 +1,4 @@
-"""``gem_jax.load(workdir)`` — a trained avatar as a Python object (DESIGN §1).
+"""``gem_jax.load(workdir)`` — a trained avatar as a Python object (docs/architecture.md §1).
 
     import gem_jax
     avatar = gem_jax.load("runs/q")                 # the refined GEM (else the PCA-only one)
@@ -22,7 +22,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from gem_jax.eigen.model import GEM
+from gem_jax.eigen.model import GEM, check_coefficients
 from gem_jax.types import Camera, Gaussians
 
 __all__ = ["Avatar", "load"]
@@ -32,19 +32,18 @@ class Avatar:
     """A distilled avatar: the GEM, the subject's cameras and training coefficients (module docstring)."""
 
     def __init__(self, workdir: Path, model: GEM, stage: str):
-        from gem_jax.data.subject import load_subject
+        from gem_jax.context import StageContext
         from gem_jax.eigen.workdir import load_pca_coefficients, load_roots
+        from gem_jax.regress.inference import neutral_timestep
 
         self.workdir, self.model, self.stage = workdir, model, stage
         self._coeffs = load_pca_coefficients(workdir)
         self.roots = load_roots(workdir)
-        data = workdir / "data"
+        self.context = StageContext.from_workdir(workdir)  # the run's subject, also a real capture's
         self.cameras: dict[int, Camera] = {}
         self.neutral_pose = self.roots[int(self._coeffs.timesteps[0])]
-        if data.is_dir():
-            from gem_jax.regress.train import neutral_timestep
-
-            subject = load_subject(data)
+        if self.context.subject_dir.is_dir():
+            subject = self.context.subject
             for split in ("train", "val", "test"):
                 self.cameras.update(subject.cameras(split))
             self.cameras = dict(sorted(self.cameras.items()))
@@ -64,32 +63,36 @@ class Avatar:
         return self._coeffs.of([timestep])[0]
 
     def evaluate(self, k) -> Gaussians:
-        """``G(k)`` in the head frame (clamped to ±3σ)."""
-        return self.model.evaluate(jnp.asarray(k, jnp.float32))
+        """``G(k)`` in the head frame (NaN/Inf refused, beyond ±3σ clamped with a warning)."""
+        k = check_coefficients(self.model, k, where="Avatar.evaluate: coefficients")
+        return self.model.evaluate(jnp.asarray(k), clamp=None)
 
     def render(self, k, camera: Camera, pose=None, background=(1.0, 1.0, 1.0), backend: str = "auto") -> np.ndarray:
-        """``(H, W, 3)`` image of coefficients ``k`` posed by ``pose`` seen by ``camera``."""
+        """``(H, W, 3)`` image of coefficients ``k`` (``(ΣK,)``, NaN/Inf refused, beyond ±3σ clamped
+        with a warning) posed by ``pose`` seen by ``camera``."""
         from gem_jax.eigen.render import render_exact
 
-        k = np.asarray(k, np.float32).reshape(1, -1)
+        k = check_coefficients(self.model, np.asarray(k, np.float32).reshape(-1),
+                               where="Avatar.render: coefficients").reshape(1, -1)
         pose = self.neutral_pose if pose is None else np.asarray(pose, np.float32)
         return render_exact(self.model, k, pose[None], np.asarray(camera.viewmat)[None], np.asarray(camera.K)[None],
                             background, camera.width, camera.height, backend)[0]
 
     def export_ply(self, k, path: str | os.PathLike, pose=None) -> Path:
-        from gem_jax.export import export_ply
+        """Write ``G(k)`` (posed by ``pose`` if given, else in the head frame) as a standard 3DGS ``.ply``."""
+        from gem_jax.render.ply import write_ply
+        from gem_jax.rigid import rigid_transform
 
-        return export_ply(self.model, k, path, pose)
+        g = self.evaluate(k)
+        return write_ply(path, g if pose is None else rigid_transform(g, jnp.asarray(pose, jnp.float32)))
 
     def predict(self, crops: np.ndarray, neutral: int = 0) -> np.ndarray:
         """``(F, ΣK)`` coefficients of face crops ``(F, S, S, 3)`` relative to crop ``neutral``."""
-        from gem_jax.regress.features import make_extractor
-        from gem_jax.regress.model import load_regressor
-        from gem_jax.regress.train import REGRESSOR_FILE, predict
+        from gem_jax.regress.inference import REGRESSOR_FILE, TrainedRegressor
 
-        pca, net, params, extra = load_regressor(self.workdir / "regress" / REGRESSOR_FILE)
-        feats = make_extractor(str(extra["features"]), crop_size=int(extra["crop_size"]))(crops)
-        return predict(net, params, pca, feats - feats[neutral])
+        regressor = TrainedRegressor.load(self.workdir / "regress" / REGRESSOR_FILE)
+        feats = regressor.extractor()(crops)
+        return regressor.predict(feats - feats[neutral])
 
     def __repr__(self) -> str:
         return f"Avatar({self.workdir}, {self.stage}: {self.model.summary().splitlines()[0]})"

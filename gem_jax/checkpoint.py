@@ -7,25 +7,29 @@ go against a *shape-only* target — ``jax.eval_shape`` of the state's initialis
 memory is spent on a throw-away state, and the stored tree is checked leaf by leaf first: a
 checkpoint of another configuration raises :class:`CheckpointMismatchError` naming the leaf
 (``params.geometry_net.stem.kernel: stored (3, 3, 14, 16) float32, expected (3, 3, 14, 32)
-float32``) instead of a generic shape error.
+float32``) instead of a generic shape error, and a checkpoint whose files were damaged after
+they were written raises an :class:`~gem_jax.errors.ArtefactError` naming the step folder.
 
-    ckpt = StageCheckpoints(workdir / "teacher" / "ckpt", save_every=100)
-    state = ckpt.restore_or(lambda: init_state(key))   # latest checkpoint, or a fresh state
-    ...
-    ckpt.maybe_save(step, state)                        # every ``save_every`` steps
-    ckpt.save(final_step, state, force=True); ckpt.close()
+    ckpt = StageCheckpoints(workdir / "teacher" / "ckpt", max_to_keep=2)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(jax.eval_shape(init))      # the latest checkpoint
+    ckpt.save(step, state, force=True)                   # asynchronous; the newest 2 are kept
+    ckpt.close()
+
+The training loop (:mod:`gem_jax.loop`) does exactly this for every stage.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from gem_jax.errors import ArtefactError
 
 __all__ = ["CheckpointMismatchError", "StageCheckpoints", "leaf_name"]
 
@@ -43,7 +47,7 @@ def _quiet_orbax() -> None:
         logger.addFilter(_QuietOrbax())
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ArtefactError):
     """A stored checkpoint does not match the state it is restored into (names the leaves)."""
 
 
@@ -90,16 +94,12 @@ def check_compatible(stored: dict[str, tuple[tuple, Any]], target: Any, where: s
 
 
 class StageCheckpoints:
-    """A stage's orbax ``CheckpointManager`` (module docstring).
+    """A stage's orbax ``CheckpointManager`` (module docstring); the ``max_to_keep`` newest
+    checkpoints are kept."""
 
-    ``save_every`` steps between periodic saves; ``max_to_keep`` newest checkpoints are kept.
-    """
-
-    def __init__(self, directory: str | Path, save_every: int = 1000, max_to_keep: int = 2,
-                 asynchronous: bool = True):
+    def __init__(self, directory: str | Path, max_to_keep: int = 2, asynchronous: bool = True):
         _quiet_orbax()
         self.directory = Path(directory).absolute()
-        self.save_every = max(int(save_every), 1)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous)
         # The handler is named up front so a fresh process can read a stored step's metadata.
@@ -116,7 +116,12 @@ class StageCheckpoints:
 
     def stored_leaves(self, step: int) -> dict[str, tuple[tuple, Any]]:
         """``{leaf name: (shape, dtype)}`` of a stored checkpoint (from its metadata only)."""
-        meta = self._manager.item_metadata(step)
+        try:
+            meta = self._manager.item_metadata(step)
+        except Exception as err:  # a truncated or garbled metadata file
+            raise self._corrupt(step, err) from err
+        if meta is None:
+            raise self._corrupt(step, ValueError("no item metadata"))
         tree = getattr(meta, "tree", meta)
         leaves = jax.tree_util.tree_flatten_with_path(
             tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
@@ -124,7 +129,7 @@ class StageCheckpoints:
 
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, state: Any, force: bool = False) -> bool:
-        """Save ``state`` as ``step`` (asynchronously); ``force`` saves whatever ``save_every`` says.
+        """Save ``state`` as ``step`` (asynchronously); ``force`` saves whatever orbax's own policy says.
 
         Returns whether a save was started. A step that is already stored is skipped.
         """
@@ -133,12 +138,6 @@ class StageCheckpoints:
             return False
         saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
         return bool(saved)
-
-    def maybe_save(self, step: int, state: Any) -> bool:
-        """Save when ``step`` is a multiple of ``save_every``."""
-        if int(step) % self.save_every:
-            return False
-        return self.save(step, state, force=True)
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
@@ -153,7 +152,9 @@ class StageCheckpoints:
         """Restore ``step`` (default: the latest) into the structure of ``target``.
 
         ``target`` is a pytree of ``jax.ShapeDtypeStruct`` (``jax.eval_shape(init)``, optionally
-        with ``.sharding`` set) or of arrays. Raises :class:`FileNotFoundError` if there is no
+        with ``.sharding`` set; without one a leaf is restored onto this process's first device,
+        so a checkpoint written on other devices or by several processes restores anywhere) or
+        of arrays. Raises :class:`FileNotFoundError` if there is no
         checkpoint and :class:`CheckpointMismatchError` naming the leaves that differ.
         """
         step = self.latest_step() if step is None else int(step)
@@ -162,17 +163,29 @@ class StageCheckpoints:
         if step not in self._manager.all_steps():
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step} "
                                     f"(stored: {self.all_steps()})")
+        # A leaf without a sharding goes to this process's first device, whatever topology wrote
+        # the checkpoint (a teacher trained by a 2-process job, collected by one process).
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
-            lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
-                np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), target)
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None) or local),
+            target)
         check_compatible(self.stored_leaves(step), abstract, f"{self.directory / str(step)}")
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as err:  # truncated or garbled array files
+            raise self._corrupt(step, err) from err
 
-    def restore_or(self, init: Callable[[], Any], step: int | None = None) -> tuple[Any, bool]:
-        """``(restored state, True)`` from the latest checkpoint, else ``(init(), False)``.
+    def _corrupt(self, step: int, err: Exception) -> ArtefactError:
+        stage = self.directory.parent.name
+        return ArtefactError(
+            f"{self.directory / str(step)}: checkpoint unreadable ({type(err).__name__}: {str(err)[:300]}); delete "
+            f"that folder to resume from the previous checkpoint {[s for s in self.all_steps() if s < step]}, or "
+            f"redo the stage with --force {stage}")
 
-        The target is ``jax.eval_shape(init)``, so ``init`` runs only when nothing is stored.
-        """
-        if (self.latest_step() if step is None else step) is None:
-            return init(), False
-        return self.restore(jax.eval_shape(init), step), True
+    def restore_as_saved(self, step: int | None = None) -> Any:
+        """The stored tree of ``step`` (default: the latest) as it was saved, without a target
+        (NumPy arrays; for inspection and tests)."""
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        return self._manager.restore(step, args=ocp.args.StandardRestore())

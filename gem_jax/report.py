@@ -1,4 +1,4 @@
-"""The ``eval`` stage: one table of every model on the held-out protocol (DESIGN §1, §8).
+"""The ``eval`` stage: one table of every model on the held-out protocol (docs/architecture.md §1, §8).
 
     python -m gem_jax.train --config configs/quickstart.py --workdir runs/q --stage eval
 
@@ -21,7 +21,6 @@ truth, then each model). A stage that has not run is reported as missing, never 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -29,7 +28,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from gem_jax.artefacts import read_json
 from gem_jax.atomic import write_json
+
 __all__ = ["collect_metrics", "metrics_table", "run"]
 
 STAGE = "eval"
@@ -52,7 +53,7 @@ def collect_metrics(workdir: str | os.PathLike) -> dict:
         if not path.is_file():
             out[name] = {"missing": f"{path} (run --stage {stage})"}
             continue
-        ev = json.loads(path.read_text())
+        ev = read_json(path, stage)
         out[name] = {col: {m: ev[key][m] for m in (*METRICS, "num_images", "coefficients") if m in ev[key]}
                      for col, key in columns.items() if key in ev}
     return out
@@ -111,14 +112,14 @@ def side_by_side(workdir: Path, out: Path) -> list[Path]:
     return written
 
 
-def run(config, workdir: str | os.PathLike, force: bool = False) -> dict:
+def run(ctx) -> dict:
     """Gather, print and write the evaluation (module docstring)."""
-    workdir = Path(workdir)
+    workdir = ctx.workdir
     out = workdir / STAGE
     out.mkdir(parents=True, exist_ok=True)
     metrics = collect_metrics(workdir)
     frames = side_by_side(workdir, out)
-    result = {"background": tuple(float(x) for x in config.data.background), "models": metrics,
+    result = {"background": list(ctx.background), "models": metrics,
               "frames": [str(p.relative_to(workdir)) for p in frames]}
     write_json(out / "metrics.json", result)
     print(metrics_table(metrics))

@@ -1,14 +1,26 @@
-"""Shared pytest setup: CPU only, several fake host devices for sharding tests, and one tiny
+"""Shared pytest setup: CPU only, several fake host devices for sharding tests, one tiny
 distilled work directory (data → teacher → collect → pca on ``configs/quickstart.py:tiny``)
-that the GEM tests share."""
+that the GEM tests share, and the same run carried through refine, regress and eval."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache per session, shared with the processes the tests start
+# (CLI, kill/resume, multi-host): a program is compiled once, not once per process.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="gem_jax_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=4").strip()
@@ -33,6 +45,24 @@ def tiny_config(**overrides):
     return config
 
 
+def tiny_context(workdir, config=None, mesh=None):
+    """The stage context of a run of ``config`` (default: the tiny config) in ``workdir``."""
+    from gem_jax.context import StageContext
+
+    return StageContext.from_config(tiny_config() if config is None else config, workdir, mesh=mesh)
+
+
+@pytest.fixture(scope="session")
+def tiny_subject(tmp_path_factory):
+    """The tiny synthetic subject folder, written once per session (point
+    ``data.subject_dir`` at it)."""
+    from gem_jax import train
+
+    workdir = tmp_path_factory.mktemp("tiny_data")
+    train.run(tiny_config(), workdir, "data")
+    return workdir / "data"
+
+
 @pytest.fixture(scope="session")
 def distilled_workdir(tmp_path_factory):
     """``(config, workdir)`` after the tiny data, teacher, collect and pca stages."""
@@ -41,7 +71,30 @@ def distilled_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("distilled")
     config = tiny_config()
     for stage in ("data", "teacher", "collect", "pca"):
+        start = time.time()
         train.run(config, workdir, stage)
+        STAGE_SECONDS[stage] = time.time() - start
+    return config, workdir
+
+
+#: Wall time of each stage in the shared runs above (the kill tests draw their kill times from it).
+STAGE_SECONDS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def completed_workdir(distilled_workdir, tmp_path_factory):
+    """``(config, workdir)``: a copy of the distilled run carried through refine, regress and eval,
+    i.e. one uninterrupted ``--stage all`` of the tiny config. Tests copy what they change."""
+    from gem_jax import train
+
+    config, distilled = distilled_workdir
+    workdir = tmp_path_factory.mktemp("completed")
+    for item in distilled.iterdir():
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, workdir / item.name)
+    for stage in ("refine", "regress", "eval"):
+        start = time.time()
+        train.run(config, workdir, stage)
+        STAGE_SECONDS[stage] = time.time() - start
     return config, workdir
 
 

@@ -40,7 +40,7 @@ def test_save_then_restore_against_a_shape_only_target_round_trips(tmp_path):
     ckpt.close()
 
 
-def test_restore_or_initialises_only_when_nothing_is_stored(tmp_path):
+def test_a_new_manager_resumes_from_the_directory_against_a_shape_only_target(tmp_path):
     calls = []
 
     def init():
@@ -48,23 +48,23 @@ def test_restore_or_initialises_only_when_nothing_is_stored(tmp_path):
         return make_state(seed=1)
 
     ckpt = StageCheckpoints(tmp_path / "ckpt")
-    fresh, resumed = ckpt.restore_or(init)
-    assert not resumed and len(calls) == 1
-    ckpt.save(3, fresh, force=True)
+    assert ckpt.latest_step() is None
+    saved = init()
+    ckpt.save(3, saved, force=True)
     ckpt.close()
     again = StageCheckpoints(tmp_path / "ckpt")  # a new process: auto-resume from the directory
-    state, resumed = again.restore_or(init)
-    assert resumed  # (init is only traced, by jax.eval_shape, for the target's shapes)
-    assert_trees_equal(state, fresh)
+    assert again.latest_step() == 3
+    target = jax.eval_shape(init)  # init is only traced for the target's shapes
+    assert_trees_equal(again.restore(target), saved)
+    assert_trees_equal(again.restore_as_saved(3)["params"], saved["params"])  # plain containers
     again.close()
 
 
-def test_periodic_saves_keep_the_newest_checkpoints(tmp_path):
-    ckpt = StageCheckpoints(tmp_path / "ckpt", save_every=2, max_to_keep=2)
+def test_the_newest_checkpoints_are_kept(tmp_path):
+    ckpt = StageCheckpoints(tmp_path / "ckpt", max_to_keep=2)
     state = make_state()
-    saved = [ckpt.maybe_save(step, state) for step in range(1, 8)]
+    assert [ckpt.save(step, state, force=True) for step in (2, 4, 6)] == [True, True, True]
     ckpt.wait()
-    assert saved == [False, True, False, True, False, True, False]
     assert ckpt.all_steps() == [4, 6] and ckpt.latest_step() == 6
     assert not ckpt.save(6, state)  # already stored
     ckpt.close()
@@ -101,4 +101,26 @@ def test_an_interrupted_save_is_ignored_on_resume(tmp_path):
     again = StageCheckpoints(tmp_path / "ckpt")
     assert again.latest_step() == 2
     assert_trees_equal(again.restore(jax.eval_shape(make_state)), state)
+    again.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_a_damaged_checkpoint_is_an_artefact_error_naming_the_step(tmp_path, damage):
+    from gem_jax.errors import ArtefactError
+
+    state = make_state()
+    ckpt = StageCheckpoints(tmp_path / "teacher" / "ckpt")
+    ckpt.save(5, state, force=True)
+    ckpt.save(7, state, force=True)
+    ckpt.close()
+    files = [p for p in (tmp_path / "teacher" / "ckpt" / "7").rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncate" else bytes(b ^ 0x5A for b in data))
+    again = StageCheckpoints(tmp_path / "teacher" / "ckpt")
+    with pytest.raises(ArtefactError) as info:
+        again.restore(jax.eval_shape(make_state))
+    message = str(info.value)
+    assert "ckpt/7: checkpoint unreadable" in message and "[5]" in message and "--force teacher" in message
     again.close()

@@ -10,6 +10,8 @@ import pytest
 
 from gem_jax import train
 
+from conftest import tiny_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,26 +38,34 @@ def test_all_skips_finished_stages_redoes_interrupted_ones_and_force(tmp_path, m
     calls = []
 
     def stage(name, fail=None):
-        def run(config, workdir, force=False):
-            calls.append((name, force))
+        def run(ctx, *sections):
+            # A forced stage starts from nothing: the entry point removed its folder.
+            calls.append((name, not (tmp_path / name / "DONE").exists()))
             if fail is not None and fail():
                 raise KeyboardInterrupt(f"{name} interrupted")
         return run
 
+    config = tiny_config()  # checked before any stage; the stages here are stand-ins
     crash = {"on": True}
     fns = {n: stage(n) for n in train.STAGE_NAMES}
     fns["refine"] = stage("refine", fail=lambda: crash["on"])
     monkeypatch.setattr(train, "stage_function", lambda name: fns[name])
+    config = tiny_config()
     with pytest.raises(KeyboardInterrupt):
-        train.run(None, tmp_path, "all")
+        train.run(config, tmp_path, "all")
     assert [c[0] for c in calls] == ["data", "teacher", "collect", "pca", "refine"]
     assert not (tmp_path / "refine" / "DONE").exists(), "an interrupted stage is not marked done"
     calls.clear()
     crash["on"] = False
-    train.run(None, tmp_path, "all")
+    train.run(config, tmp_path, "all")
     assert [c[0] for c in calls] == ["refine", "regress", "eval"], "finished stages are skipped"
     calls.clear()
-    train.run(None, tmp_path, "all", force="regress")
+    train.run(config, tmp_path, "all", force="regress")
     assert calls == [("regress", True), ("eval", True)]
     with pytest.raises(ValueError, match="unknown stage"):
-        train.run(None, tmp_path, "nope")
+        train.run(config, tmp_path, "nope")
+    # The run's context is recorded for code that starts from the work directory alone.
+    from gem_jax.context import StageContext
+
+    ctx = StageContext.from_workdir(tmp_path)
+    assert ctx.subject_dir == tmp_path / "data" and ctx.synthetic and ctx.seed == config.seed

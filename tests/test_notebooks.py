@@ -1,6 +1,5 @@
 """The notebooks run top to bottom (nbclient) on the tiny distilled work directory."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,7 @@ def test_notebook_runs(path, distilled_workdir, monkeypatch):
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent.parent)}})
     client.execute()
-    errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
-    assert os.environ["GEM_JAX_WORKDIR"] == str(workdir)
-
-
-def test_there_are_two_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_eigenbasis.ipynb"]
+    outputs = [o for c in notebook.cells for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    figures = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert figures, "the notebook draws its figures"

@@ -4,8 +4,6 @@ tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=4.
 """
 
 import functools
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from gem_jax import parallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
+from conftest import tiny_config, tiny_context
 
 
 def needs_4_devices():
@@ -73,29 +71,17 @@ def test_data_parallel_grads_are_the_global_batch_mean():
         np.testing.assert_allclose(a, 2.0 * np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def tiny_workdir(tmp_path_factory):
-    import quickstart
-
-    from gem_jax.data import prepare
-
-    workdir = tmp_path_factory.mktemp("parallel")
-    config = quickstart.get_config("tiny")
-    prepare.run(config, workdir)
-    return config, workdir
-
-
-def test_sharded_teacher_step_equals_the_single_device_step(tiny_workdir):
+def test_sharded_teacher_step_equals_the_single_device_step(tiny_subject, tmp_path):
     needs_4_devices()
     from gem_jax.teacher import data as tdata
-    from gem_jax.teacher.train import _Setup, init_state, make_train_step
+    from gem_jax.teacher.train import TeacherData, init_state, make_train_step
 
-    config, workdir = tiny_workdir
+    config = tiny_config(**{"data.subject_dir": str(tiny_subject)})
     tc = config.teacher
     results = {}
     for n in (1, 4):
         mesh = parallel.data_mesh(jax.devices()[:n])
-        setup = _Setup(config, workdir, mesh=mesh)
+        setup = TeacherData(tiny_context(tmp_path, config, mesh=mesh), tc)
         state = jax.jit(functools.partial(init_state, setup.net, tc, setup.optimizer, 0))()
         # Make the output layers non-zero so that every parameter gets a gradient.
         state["params"] = jax.tree_util.tree_map_with_path(

@@ -139,7 +139,7 @@ def test_regress_stage_and_reenactment_end_to_end(distilled_workdir, tmp_path):
 
     from gem_jax import reenact, train
     from gem_jax.data import synthetic
-    from gem_jax.regress.train import predict
+    from gem_jax.regress.inference import predict
 
     _, workdir = distilled_workdir
     for name in ("data", "data_cross", "collect", "pca"):

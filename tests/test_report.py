@@ -7,7 +7,7 @@ import cv2
 
 from gem_jax import report
 
-from conftest import tiny_config
+from conftest import tiny_context
 
 
 def test_eval_stage_gathers_metrics_and_flags_missing_stages(distilled_workdir, tmp_path):
@@ -16,7 +16,7 @@ def test_eval_stage_gathers_metrics_and_flags_missing_stages(distilled_workdir, 
     _, workdir = distilled_workdir
     for name in ("teacher", "pca"):
         shutil.copytree(workdir / name, tmp_path / name, ignore=shutil.ignore_patterns("ckpt"))
-    result = report.run(tiny_config(), tmp_path)
+    result = report.run(tiny_context(tmp_path))
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["models"] == json.loads(json.dumps(result["models"]))
     teacher = json.loads((tmp_path / "teacher" / "eval.json").read_text())

@@ -49,11 +49,17 @@ def head_model_arrays(rng):
     return dict(v_template=rng.normal(size=(N_VERTS, 3)), shapedirs=rng.normal(size=(N_VERTS, 3, N_SHAPE + N_EXPR)),
                 posedirs=rng.normal(size=(N_VERTS, 3, 36)), J_regressor=jreg / jreg.sum(1, keepdims=True),
                 weights=weights / weights.sum(1, keepdims=True), f=rng.integers(0, N_VERTS, size=(4, 3)),
-                kintree_table=np.array([[-1, 0, 1, 1, 1], [0, 1, 2, 3, 4]]), n_shape=np.array(N_SHAPE))
+                kintree_table=np.array([[-1, 0, 1, 1, 1], [0, 1, 2, 3, 4]]), n_shape=np.array(N_SHAPE),
+                vt=rng.random((N_VERTS, 2)), ft=rng.integers(0, N_VERTS, size=(4, 3)))
 
 
 @pytest.fixture
 def fake(tmp_path):
+    return write_fake_subject(tmp_path)
+
+
+def write_fake_subject(tmp_path):
+    """The tiny subject of the module docstring in ``tmp_path/subject``; returns what was written."""
     rng = np.random.default_rng(7)
     root = tmp_path / "subject"
     for sub in ("images", "fg_masks", "flame_param"):

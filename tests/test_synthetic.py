@@ -1,6 +1,7 @@
 """The synthetic subject generator: head model, format, reader round trip, determinism, appearance."""
 
 import json
+from pathlib import Path
 
 import cv2
 import jax
@@ -9,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from gem_jax.context import StageContext
 from gem_jax.data import prepare
 from gem_jax.data import procedural_head as ph
 from gem_jax.data import synthetic as sy
@@ -18,7 +20,8 @@ from gem_jax.head.meshraster import project_vertices, rasterize_triangles
 SEED = 3
 
 
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
+def synthetic_config(**overrides) -> ml_collections.ConfigDict:
+    """The generator's settings alone (smaller than configs/quickstart.py:tiny: 40×48 images)."""
     c = ml_collections.ConfigDict()
     c.seed = SEED
     c.data = ml_collections.ConfigDict(dict(subject_dir="", head_model="", background=(1.0, 1.0, 1.0),
@@ -30,10 +33,18 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def prepare_data(config, root):
+    """The data stage of ``config`` in work directory ``root``."""
+    subject = config.data.subject_dir
+    ctx = StageContext(workdir=Path(root), subject_dir=Path(subject) if subject else Path(root) / "data",
+                       seed=int(config.seed), synthetic=not subject)
+    prepare.run(ctx, config.synthetic)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    prepare.run(tiny_config(), root)
+    prepare_data(synthetic_config(), root)
     return root
 
 
@@ -96,7 +107,7 @@ def _read(path):
 
 def test_files_follow_the_export_format(workdir):
     root = workdir / "data"
-    cfg = tiny_config().synthetic
+    cfg = synthetic_config().synthetic
     frames = {s: json.loads((root / f"transforms_{s}.json").read_text())["frames"] for s in ("train", "val", "test")}
     n_train_t = (cfg.num_sequences - 1) * cfg.frames_per_sequence
     assert len(frames["train"]) == n_train_t * (cfg.num_cameras - 1)
@@ -120,7 +131,7 @@ def test_files_follow_the_export_format(workdir):
 
 
 def test_held_out_camera_and_sequence_only_in_val_and_test(workdir):
-    root, cfg = workdir / "data", tiny_config().synthetic
+    root, cfg = workdir / "data", synthetic_config().synthetic
     frames = {s: json.loads((root / f"transforms_{s}.json").read_text())["frames"] for s in ("train", "val", "test")}
     held_t = set(range((cfg.num_sequences - 1) * cfg.frames_per_sequence,
                        cfg.num_sequences * cfg.frames_per_sequence))
@@ -142,9 +153,17 @@ def test_every_camera_sees_a_whole_head(workdir):
 
 
 def test_reader_loads_the_dataset(workdir):
-    subject_module = pytest.importorskip("gem_jax.data.subject")
-    subject = subject_module.load_subject(workdir / "data")
-    assert subject is not None
+    from gem_jax.data.subject import load_subject
+
+    cfg = synthetic_config().synthetic
+    subject = load_subject(workdir / "data")
+    frames = cfg.num_sequences * cfg.frames_per_sequence
+    train_frames = (cfg.num_sequences - 1) * cfg.frames_per_sequence
+    assert len(subject.frames("train")) == train_frames * (cfg.num_cameras - 1)
+    assert len(subject.frames("val")) == train_frames
+    assert len(subject.frames("test")) == (frames - train_frames) * cfg.num_cameras
+    image = subject.load_image(subject.frames("train")[0])
+    assert image.shape == (cfg.image_height, cfg.image_width, 3) and 0.05 < image.std()
 
 
 def test_vertices_project_onto_the_silhouette(workdir):
@@ -192,7 +211,7 @@ def _reader_cameras(root):
 
 
 def test_generation_is_deterministic(tmp_path):
-    cfg = tiny_config(num_cameras=3, held_out_camera=1, frames_per_sequence=2)
+    cfg = synthetic_config(num_cameras=3, held_out_camera=1, frames_per_sequence=2)
     outs = []
     for k in range(2):
         scene = sy.make_scene(cfg.synthetic, cfg.seed)
@@ -222,7 +241,7 @@ def _render(scene, expr=None, jaw=0.0, camera=0):
 
 @pytest.fixture(scope="module")
 def scene():
-    cfg = tiny_config(image_height=96, image_width=96, mesh_resolution=40, texture_size=128, num_cameras=5)
+    cfg = synthetic_config(image_height=96, image_width=96, mesh_resolution=40, texture_size=128, num_cameras=5)
     return sy.make_scene(cfg.synthetic, SEED)
 
 
@@ -280,7 +299,7 @@ def test_prepare_writes_cross_identity_and_skips_when_complete(workdir, capsys):
             assert not np.array_equal(pa["shape"], pb["shape"])
         assert not np.array_equal(_read(main / a["file_path"]), _read(cross / b["file_path"]))
     stamp = (main / "images" / "00000_00.png").stat().st_mtime_ns
-    prepare.run(tiny_config(), workdir)
+    prepare_data(synthetic_config(), workdir)
     assert "up to date" in capsys.readouterr().out
     assert (main / "images" / "00000_00.png").stat().st_mtime_ns == stamp
 
@@ -289,21 +308,20 @@ def test_prepare_refuses_to_overwrite_foreign_folders(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "mine.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="synthetic_manifest"):
-        prepare.run(tiny_config(), tmp_path)
+        prepare_data(synthetic_config(), tmp_path)
     assert (tmp_path / "data" / "mine.txt").exists()
 
 
 def test_prepare_validates_a_given_subject_dir(workdir, capsys):
-    pytest.importorskip("gem_jax.data.subject")
-    cfg = tiny_config()
+    cfg = synthetic_config()
     cfg.data.subject_dir = str(workdir / "data")
-    prepare.run(cfg, workdir / "unused")
+    prepare_data(cfg, workdir / "unused")
     assert str(workdir / "data") in capsys.readouterr().out
     assert not (workdir / "unused" / "data").exists()
 
 
 def test_driver_video(tmp_path):
-    cfg = tiny_config()
+    cfg = synthetic_config()
     path = sy.write_driver_video(tmp_path / "driver.mp4", cfg.synthetic, SEED, identity=2, camera=1)
     cap = cv2.VideoCapture(str(path))
     count = 0

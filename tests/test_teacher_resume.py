@@ -2,58 +2,37 @@
 uninterrupted run ends (tiny config, 3 steps)."""
 
 import json
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from gem_jax import train
 from gem_jax.checkpoint import StageCheckpoints
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
+from conftest import tiny_config
 
 
-@pytest.fixture(scope="module")
-def subject(tmp_path_factory):
-    import quickstart
-
-    from gem_jax.data import prepare
-
-    workdir = tmp_path_factory.mktemp("resume_data")
-    prepare.run(quickstart.get_config("tiny"), workdir)
-    return workdir / "data"
-
-
-def tiny_config(subject_dir, steps):
-    import quickstart
-
-    config = quickstart.get_config("tiny")
-    with config.unlocked():
-        config.data.subject_dir = str(subject_dir)
-        config.teacher.steps = steps
-    return config
+def teacher_config(subject_dir, steps):
+    return tiny_config(**{"data.subject_dir": str(subject_dir), "teacher.steps": steps})
 
 
 def final_params(workdir, step):
     """The parameters stored at ``step`` (restored without a target: as saved)."""
-    from orbax.checkpoint import args as ocp_args
-
     ckpt = StageCheckpoints(Path(workdir) / "teacher" / "ckpt")
     try:
         assert ckpt.latest_step() == step
-        return ckpt._manager.restore(step, args=ocp_args.StandardRestore())["params"]
+        return ckpt.restore_as_saved(step)["params"]
     finally:
         ckpt.close()
 
 
 @pytest.fixture(scope="module")
-def straight(subject, tmp_path_factory):
+def straight(tiny_subject, tmp_path_factory):
     """An uninterrupted 3-step run: its final parameters."""
-    from gem_jax.teacher import train
-
     workdir = tmp_path_factory.mktemp("straight")
-    train.run(tiny_config(subject, 3), workdir)
+    train.run(teacher_config(tiny_subject, 3), workdir, "teacher")
     return final_params(workdir, 3)
 
 
@@ -67,15 +46,14 @@ class Crash(Exception):
 
 
 def test_a_killed_run_resumes_and_a_non_finite_step_restores_the_last_checkpoint(
-        subject, straight, tmp_path, monkeypatch, capsys):
+        tiny_subject, straight, tmp_path, monkeypatch, capsys):
     """Killed right after the step-2 checkpoint, the same command resumes from step 2; a
     non-finite step on the way (poisoned batch of step 2) is rejected inside the step and, with
     ``max_bad_steps=1``, the last good checkpoint is restored and step 2 redone. The run ends
     exactly where an undisturbed run ends."""
     from gem_jax.teacher import data as tdata
-    from gem_jax.teacher import train
 
-    config = tiny_config(subject, 3)
+    config = teacher_config(tiny_subject, 3)
     with config.unlocked():
         config.teacher.max_bad_steps = 1
     save = StageCheckpoints.save
@@ -89,7 +67,7 @@ def test_a_killed_run_resumes_and_a_non_finite_step_restores_the_last_checkpoint
 
     monkeypatch.setattr(StageCheckpoints, "save", crash_after_step_2)
     with pytest.raises(Crash):
-        train.run(config, tmp_path)
+        train.run(config, tmp_path, "teacher")
     monkeypatch.undo()
     ckpt = StageCheckpoints(tmp_path / "teacher" / "ckpt")
     assert ckpt.latest_step() == 2
@@ -107,7 +85,7 @@ def test_a_killed_run_resumes_and_a_non_finite_step_restores_the_last_checkpoint
 
     monkeypatch.setattr(tdata, "sample_batch", poison_step_2_once)
     capsys.readouterr()
-    train.run(config, tmp_path)  # the same call again
+    train.run(config, tmp_path, "teacher")  # the same call again
     out = capsys.readouterr().out
     assert "resumed from" in out and "at step 2" in out
     assert "step 2: non-finite loss" in out and "restored the last good checkpoint (step 2)" in out

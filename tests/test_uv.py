@@ -16,6 +16,8 @@ import pytest
 
 from gem_jax.head.uv import (
     UVRaster,
+    degenerate_faces,
+    drop_faces,
     normal_map,
     position_map,
     rasterize_uv,
@@ -229,3 +231,94 @@ def test_bad_shapes_raise_naming_the_argument():
         normal_map(verts, faces[:, :2], uv)
     with pytest.raises(ValueError, match="ft"):
         tbn_frames(verts, faces, vt, ft[:-1], uv)
+
+
+# ----------------------------------------------------------------------------- conditioning
+
+
+def test_texels_on_faces_without_area_are_dropped():
+    rng = np.random.default_rng(8)
+    verts, faces, vt, ft = grid_mesh(rng)
+    verts = verts.copy()
+    verts[faces[9, 1]] = verts[faces[9, 0]]  # face 9 collapses to a line
+    drop = degenerate_faces(verts, faces)
+    area = np.linalg.norm(np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]]), axis=1)
+    np.testing.assert_array_equal(drop, area <= 1e-4 * np.median(area))
+    assert drop[9] and drop.sum() >= 1
+    uv = rasterize_uv(vt, ft, R)
+    kept = drop_faces(uv, drop)
+    on_dropped = uv.valid & drop[np.maximum(uv.face_index, 0)]
+    assert on_dropped.any()
+    np.testing.assert_array_equal(kept.valid, uv.valid & ~on_dropped)
+    np.testing.assert_array_equal(kept.face_index[kept.valid], uv.face_index[kept.valid])
+    assert (kept.face_index[~kept.valid] == -1).all() and not kept.bary[~kept.valid].any()
+
+
+def _synthetic_head_meshes(mesh_resolution=60, frames=3):
+    """The quickstart's procedural head (float64): its canonical mesh and a few tracked frames."""
+    from gem_jax.data import procedural_head, synthetic
+    from gem_jax.head import flame
+    from gem_jax.teacher import maps
+
+    model = flame.head_model_from_arrays(procedural_head.build_head_model(mesh_resolution))
+    params = [synthetic.canonical_params(model.n_expr)]
+    params += [{k: v[i:i + 1] for k, v in s.params.items()} for s in synthetic.make_sequences(0, 2, frames)
+               for i in range(frames)]
+    as64 = lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a  # noqa: E731
+    with jax.enable_x64(True):
+        model64 = jax.tree.map(as64, model)
+        meshes = [np.asarray(maps.root_free_mesh(model64, model64.zero_params().replace(
+            **{k: jnp.asarray(v[0], jnp.float64) for k, v in p.items()}))[0]) for p in params]
+    return model, meshes
+
+
+def _local_height(verts, faces, drop, face_of_texel):
+    """Per texel, the smallest altitude of its face and of the faces around its corners (the
+    geometry its frame depends on), dropped faces aside."""
+    p = verts[faces]
+    longest = np.max([np.linalg.norm(p[:, a] - p[:, b], axis=1) for a, b in ((0, 1), (1, 2), (2, 0))], axis=0)
+    height = np.linalg.norm(np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]), axis=1) / longest
+    height = np.where(drop, np.inf, height)
+    at_vertex = np.full(len(verts), np.inf)
+    np.minimum.at(at_vertex, faces.reshape(-1), np.repeat(height, 3))
+    return np.minimum(height[face_of_texel], at_vertex[faces[face_of_texel]].min(1))
+
+
+def test_frames_are_well_conditioned_on_the_synthetic_head():
+    """Every texel's frame is orthonormal and a Lipschitz function of the vertices, with a constant
+    set by the local geometry: a nudge δ of the mesh turns it by at most 10·δ/h (h: the smallest
+    altitude of the faces it depends on). So float32 rounding, which differs between x86-64 CPUs
+    (AVX2 / AVX-512, FMA contraction, summation order) by ~1e-7 relative, moves frames by
+    ~1e-7·|x|/h ≲ 1e-4 and no more. Before the degenerate faces were dropped, the same nudge
+    turned some frames by 180°; that is checked too, so this test can fail."""
+    model, meshes = _synthetic_head_meshes()
+    faces, res = np.asarray(model.faces), 64
+    drop = degenerate_faces(meshes[0], faces)
+    full = rasterize_uv(model.vt, model.ft, res)
+    uv = drop_faces(full, drop)
+    assert 0 < (full.valid & ~uv.valid).sum() < 0.2 * full.valid.sum()
+    texels = np.flatnonzero(uv.valid.reshape(-1))
+    face_of_texel = uv.face_index.reshape(-1)[texels]
+    rng = np.random.default_rng(9)
+    delta = 1e-6
+    with jax.enable_x64(True):
+        uv64 = uv.replace(bary=np.asarray(uv.bary, np.float64))
+        vt64 = jnp.asarray(np.asarray(model.vt, np.float64))
+        frames64 = jax.jit(lambda v, u: tbn_frames(v, faces, vt64, model.ft, u).reshape(-1, 3, 3))
+        f64 = [np.asarray(frames64(v, uv64))[texels] for v in meshes]
+        nudged = [np.asarray(frames64(v + rng.normal(0, delta, v.shape), uv64))[texels] for v in meshes]
+        full64 = full.replace(bary=np.asarray(full.bary, np.float64))
+        unstable = np.abs(np.asarray(frames64(meshes[1] + rng.normal(0, delta, meshes[1].shape), full64))
+                          - np.asarray(frames64(meshes[1], full64))).max()
+    assert unstable > 1.0, "the faces without area are what makes frames ill-conditioned"
+    frames32 = jax.jit(lambda v: tbn_frames(v, faces, model.vt, model.ft, uv).reshape(-1, 3, 3)[texels])
+    for v, f, g in zip(meshes, f64, nudged):
+        h = _local_height(v, faces, drop, face_of_texel)
+        turn = np.abs(g - f).reshape(len(texels), -1).max(-1)
+        assert np.all(turn <= 10 * delta / h), f"worst ratio {np.max(turn * h / delta):.1f}"
+        f32 = np.asarray(frames32(jnp.asarray(v, jnp.float32)), np.float64)
+        check_rotations(f32, np.ones(len(texels), bool))
+        np.testing.assert_allclose(np.einsum("nji,njk->nik", f32, f32), np.broadcast_to(np.eye(3), f32.shape), atol=1e-6)
+        rounding = np.finfo(np.float32).eps * np.abs(v).max()
+        err = np.abs(f32 - f).reshape(len(texels), -1).max(-1)
+        assert np.all(err <= 10 * rounding / h + 1e-6), f"worst float32 error {err.max():.1e}"

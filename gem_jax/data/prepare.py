@@ -2,15 +2,19 @@
 
     python -m gem_jax.train --config configs/quickstart.py --workdir runs/q --stage data
 
-* ``config.data.subject_dir`` set: load it with the reader (:func:`gem_jax.data.subject.load_subject`)
-  and print a summary; nothing is written.
+* ``config.data.subject_dir`` set: read *every* file of it and of the head model
+  (:func:`gem_jax.data.validate.validate_subject`: images decode at their declared size, masks
+  all there or all absent, tracking npz keys and shapes, the head model agrees with the
+  tracking) and print what was checked; nothing is written. Any problem is a
+  ``SubjectFormatError`` naming the file and the field, raised before ``data/DONE`` exists.
 * otherwise: generate the synthetic subject (``config.synthetic``, ``config.seed``) into
   ``<workdir>/data`` and the cross-identity ground truth (identity ``synthetic.cross_identity``
-  performing the held-out sequence, same cameras) into ``<workdir>/data_cross``.
+  performing the held-out sequence, same cameras) into ``<workdir>/data_cross``, and validate
+  both the same way.
 
 Each folder is written into a temporary sibling and renamed into place, so a folder that
 exists is complete. It carries ``synthetic_manifest.json`` (the generator settings); a folder
-whose manifest matches the config is kept (``force`` regenerates), one whose settings differ
+whose manifest matches the config is kept (``--force data`` removes it first), one whose settings differ
 is regenerated, and a folder without a manifest (not ours) is an error rather than overwritten.
 """
 
@@ -26,9 +30,9 @@ MANIFEST = "synthetic_manifest.json"
 GENERATOR_VERSION = 1
 
 
-def _manifest(config, identity: int, sequences: str) -> dict:
-    manifest = {"generator": "gem_jax.data.synthetic", "version": GENERATOR_VERSION, "seed": int(config.seed),
-                "identity": int(identity), "sequences": sequences, "synthetic": config.synthetic.to_dict()}
+def _manifest(syn, seed: int, identity: int, sequences: str) -> dict:
+    manifest = {"generator": "gem_jax.data.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
+                "identity": int(identity), "sequences": sequences, "synthetic": syn.to_dict()}
     return json.loads(json.dumps(manifest))  # as it reads back (tuples → lists)
 
 
@@ -39,14 +43,17 @@ def _read_manifest(folder: Path) -> dict | None:
         return None
 
 
-def _generate(folder: Path, manifest: dict, force: bool, write) -> tuple[bool, dict | None]:
+def _generate(folder: Path, manifest: dict, write) -> tuple[bool, dict | None]:
     """Write ``folder`` atomically with ``write(tmp_folder) -> summary`` unless it is up to date."""
+    # Temporaries of a run that was killed: no other process writes them (the stage is locked).
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     if folder.exists():
         current = _read_manifest(folder)
         if current is None:
             raise FileExistsError(f"{folder} exists but has no {MANIFEST}: not written by the synthetic generator; "
                                   f"move it away or set --config.data.subject_dir={folder}")
-        if {k: v for k, v in current.items() if k != "summary"} == manifest and not force:
+        if {k: v for k, v in current.items() if k != "summary"} == manifest:
             return False, current.get("summary")
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -66,11 +73,6 @@ def _generate(folder: Path, manifest: dict, force: bool, write) -> tuple[bool, d
     return True, summary
 
 
-def subject_dir(config, workdir: str | os.PathLike) -> Path:
-    """The subject folder every stage reads: ``config.data.subject_dir``, or ``<workdir>/data``."""
-    return Path(config.data.subject_dir) if config.data.subject_dir else Path(workdir) / "data"
-
-
 def _describe(name: str, folder: Path, summary: dict | None, seconds: float | None) -> str:
     if not summary:
         return f"[data] {name}: {folder}"
@@ -81,38 +83,45 @@ def _describe(name: str, folder: Path, summary: dict | None, seconds: float | No
             f"images {frames} ({w}x{h}), head model {summary['vertices']} vertices / {summary['faces']} faces")
 
 
-def _summarise_subject(subject_dir: str) -> None:
+def check_subject(folder: str | os.PathLike, head_model: str | None = None, n_shape: int = 0, n_expr: int = 0,
+                  need_train: bool = True) -> None:
+    """Read every file of a subject folder and its head model, print what was checked
+    (:func:`gem_jax.data.validate.validate_subject`); raise ``SubjectFormatError`` on any problem."""
     from gem_jax.data.subject import load_subject
+    from gem_jax.data.validate import validate_subject
 
     start = time.time()
-    subject = load_subject(subject_dir)
-    summary = getattr(subject, "summary", None)
-    text = summary() if callable(summary) else repr(subject)
-    print(f"[data] subject {subject_dir}: loaded in {time.time() - start:.1f}s: {text[:500]}")
+    subject = load_subject(folder)
+    checked = validate_subject(subject, head_model, int(n_shape), int(n_expr), need_train)
+    print(f"[data] checked in {time.time() - start:.1f}s: {checked}")
+    print(f"[data] {subject.summary()}")
 
 
-def run(config, workdir: str | os.PathLike, force: bool = False) -> None:
-    """The data stage (see module docstring)."""
-    if config.data.subject_dir:
-        _summarise_subject(config.data.subject_dir)
+def run(ctx, synthetic_config) -> None:
+    """The data stage (see module docstring); ``synthetic_config`` is ``config.synthetic``."""
+    sizes = dict(head_model=ctx.head_model_path or None, n_shape=ctx.n_shape, n_expr=ctx.n_expr)
+    if not ctx.synthetic:
+        check_subject(ctx.subject_dir, **sizes)
         return
     from gem_jax.data import synthetic
 
-    workdir = Path(workdir)
+    workdir = ctx.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    syn, seed = config.synthetic, int(config.seed)
+    syn, seed = synthetic_config, int(ctx.seed)
 
     def main_subject(tmp):
         return synthetic.write_subject(tmp, synthetic.make_scene(syn, seed), int(syn.held_out_camera))
 
     start = time.time()
-    wrote, summary = _generate(workdir / "data", _manifest(config, syn.identity, "all"), force, main_subject)
+    wrote, summary = _generate(workdir / "data", _manifest(syn, seed, syn.identity, "all"), main_subject)
     print(_describe("synthetic subject", workdir / "data", summary, time.time() - start if wrote else None))
+    check_subject(workdir / "data", **sizes)
     cross = int(syn.cross_identity)
     if cross >= 0 and cross != int(syn.identity):
         start = time.time()
         wrote, summary = _generate(
-            workdir / "data_cross", _manifest(config, cross, "held_out"), force,
+            workdir / "data_cross", _manifest(syn, seed, cross, "held_out"),
             lambda tmp: synthetic.write_cross_identity(tmp, syn, seed, cross))
         print(_describe("cross-identity ground truth", workdir / "data_cross", summary,
                         time.time() - start if wrote else None))
+        check_subject(workdir / "data_cross", **sizes, need_train=False)

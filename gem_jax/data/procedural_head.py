@@ -495,10 +495,3 @@ def build_head_model(resolution: int = 64) -> dict:
         n_shape=np.array(len(SHAPE_NAMES)),
         mouth_faces=mouth_faces,
     )
-
-
-def head_layout(resolution: int) -> tuple[Layout, np.ndarray, np.ndarray]:
-    """The layout and per-head-vertex (row, u) parameters of :func:`build_head_model`."""
-    layout = Layout.for_resolution(resolution)
-    r, u, *_ = _grid(layout)
-    return layout, r, u

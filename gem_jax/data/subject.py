@@ -20,7 +20,6 @@ import math
 import os
 import sys
 import warnings
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 from jaxtyping import Float, UInt8
 
 from gem_jax.data.splits import SPLITS
+from gem_jax.errors import SubjectFormatError
 from gem_jax.head.flame import FlameParams, HeadModel, load_head_model
 from gem_jax.types import Camera
 
@@ -41,10 +41,6 @@ POSE_SHAPES = {"translation": (1, 3), "rotation": (1, 3), "neck_pose": (1, 3), "
 SHARED_INTRINSICS = ("cx", "cy", "fl_x", "fl_y", "h", "w")
 CANONICAL_FILE = "canonical_flame_param.npz"
 HEAD_MODEL_FILE = "head_model.npz"
-
-
-class SubjectFormatError(ValueError):
-    """A subject folder that does not follow docs/data_format.md; the message names file and field."""
 
 
 def camera_from_nerf(c2w: Float[np.ndarray, "4 4"], fl_x: float, fl_y: float, cx: float, cy: float,
@@ -195,10 +191,14 @@ class Subject:
     def flame_params(self, timestep: int) -> FlameParams:
         """Tracked parameters of ``timestep`` (cached; batch dim dropped; numpy float32)."""
         if timestep not in self._params:
-            if timestep not in self._param_paths:
-                raise KeyError(f"timestep {timestep} is in no split of {self.root}")
-            self._params[timestep] = self._read_params(self._param_paths[timestep].flame_param_path)
+            self._params[timestep] = self._read_params(self.flame_param_path(timestep))
         return self._params[timestep]
+
+    def flame_param_path(self, timestep: int) -> Path:
+        """The tracking file of ``timestep``."""
+        if timestep not in self._param_paths:
+            raise KeyError(f"timestep {timestep} is in no split of {self.root}")
+        return self._param_paths[timestep].flame_param_path
 
     def canonical_params(self) -> FlameParams:
         """``canonical_flame_param.npz``; ``shape``/``static_offset`` default to the first timestep's."""
@@ -377,12 +377,12 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                     arrays[key] = data[key]
                 except ValueError as err:  # object arrays need pickle, which is refused
                     raise SubjectFormatError(f"{path}: key {key!r}: not a plain numeric array ({err})") from err
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise SubjectFormatError(f"{path}: not a readable .npz file ({err})") from err
-    except ValueError as err:
-        if isinstance(err, SubjectFormatError):
-            raise
-        raise SubjectFormatError(f"{path}: not a readable .npz file ({err})") from err
+                except Exception as err:  # a truncated member (zlib, zipfile, EOF errors)
+                    raise SubjectFormatError(f"{path}: key {key!r}: unreadable ({type(err).__name__}: {err})") from err
+    except SubjectFormatError:
+        raise
+    except Exception as err:  # not a zip at all, truncated directory: zipfile / OS / EOF / value errors
+        raise SubjectFormatError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from err
     return arrays
 
 

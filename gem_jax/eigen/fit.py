@@ -1,4 +1,4 @@
-"""Analysis-by-synthesis: coefficients (and optionally a pose correction) for given images (DESIGN §6).
+"""Analysis-by-synthesis: coefficients (and optionally a pose correction) for given images (docs/architecture.md §6).
 
 With the basis ``U`` frozen, the coefficients of each timestep of an image set are found by
 minimising the refinement's photometric loss between GEM renders and the images,
@@ -25,10 +25,12 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
+from gem_jax.batching import sample_rows
 from gem_jax.data.images import ImageSet
 from gem_jax.eigen.model import COEFF_LIMIT, GEM
 from gem_jax.eigen.render import frame_capacity, render_batch
 from gem_jax.head.flame import rodrigues
+from gem_jax.loop import keep_if
 from gem_jax.losses import dssim_loss, l1_loss
 from gem_jax.render import round_capacity
 
@@ -82,8 +84,7 @@ def _fit_step(width: int, height: int, capacity: int, backend: str, weights: tup
         new = optax.apply_updates(params, updates)
         new = {**new, "k": jnp.clip(new["k"], -COEFF_LIMIT, COEFF_LIMIT)}
         ok = (overflow == 0) & jnp.isfinite(loss)  # a batch that overflowed is not an update
-        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)  # noqa: E731
-        return keep(new, params), keep(new_opt, opt_state), loss, overflow
+        return keep_if(ok, new, params), keep_if(ok, new_opt, opt_state), loss, overflow
 
     return optimizer, step
 
@@ -125,8 +126,7 @@ def fit_coefficients(model: GEM, images: ImageSet, roots: np.ndarray, fconfig, *
     if progress and jax.process_index() == 0:
         it = tqdm(it, desc="fit", unit="step", file=sys.stderr, mininterval=5.0)
     for i in it:
-        rng = np.random.default_rng([int(seed), 11, i])
-        pick = rng.choice(images.num, size=batch, replace=images.num < batch)
+        pick = sample_rows(images.num, batch, (seed, 11, i))
         target = jnp.asarray(images.composite(pick, background))
         t = images.timesteps[pick]
         args = (model, jnp.asarray(image_rows[pick]), jnp.asarray(roots[t]), jnp.asarray(images.viewmats[pick]),

@@ -16,9 +16,13 @@ so the model is linear in activated space and is then made valid):
 * scales are clipped to at least :data:`SCALE_MIN`;
 * opacities are clipped to ``[OPACITY_EPS, 1 − OPACITY_EPS]``.
 
-Coefficients are clamped to ``±3`` (:data:`COEFF_LIMIT`, i.e. ±3σ, DESIGN §10). When the
-values are concrete (eager call) a clamp emits a :class:`CoefficientClampWarning` and NaN
-coefficients raise; under ``jit``/``vmap``/``grad`` the values are tracers, so the clamp is silent.
+Coefficients are clamped to ``±3`` (:data:`COEFF_LIMIT`, i.e. ±3σ, docs/architecture.md §10).
+When the values are concrete (eager call) a clamp emits a :class:`CoefficientClampWarning` and
+NaN/Inf coefficients raise :class:`~gem_jax.errors.CoefficientError`; under
+``jit``/``vmap``/``grad`` the values are tracers, so the clamp is silent.
+:func:`check_coefficients` is that check as one host-side function: every path that renders
+or exports user coefficients (``gem_jax.load(...).render`` / ``.evaluate`` / ``.export_ply``,
+``python -m gem_jax.export``, ``python -m gem_jax.reenact``) goes through it.
 ``clamp=None`` disables it (refinement evaluates the training coefficients, which may lie
 beyond 3σ). :func:`reconstruct` is the purely linear part, without clamp or validity.
 
@@ -49,8 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from gem_jax.artefacts import describe_error
 from gem_jax.atomic import write_npz
 from gem_jax.eigen.pca import CHANNELS, MODALITIES, PCAResult
+from gem_jax.errors import ArtefactError, CoefficientError, MissingArtefactError
 from gem_jax.types import Gaussians
 
 FORMAT_VERSION = 1
@@ -66,7 +72,7 @@ class CoefficientClampWarning(UserWarning):
     """Coefficients outside ±COEFF_LIMIT (σ units) were clamped."""
 
 
-class GEMFormatError(ValueError):
+class GEMFormatError(ArtefactError):
     """A GEM file or container is malformed; the message names the file/field and shape."""
 
 
@@ -182,24 +188,42 @@ def flatten_coeffs(model: GEM, k: Coeffs) -> Float[Array, "*batch Ktot"]:
     return jnp.concatenate([jnp.broadcast_to(parts[m], (*batch, parts[m].shape[-1])) for m in MODALITIES], -1)
 
 
-def clamp_coeffs(k: dict[str, Array], limit: float = COEFF_LIMIT) -> dict[str, Array]:
-    """Clamp to ``±limit``; warn (eager values) or stay silent (tracers), see module docstring."""
-    concrete = {m: v for m, v in k.items() if not isinstance(v, jax.core.Tracer)}
+def _check_and_warn(host: Mapping[str, np.ndarray], limit: float, where: str) -> None:
+    """The host-side half of the coefficient gate: non-finite → :class:`CoefficientError`,
+    beyond ``±limit`` → :class:`CoefficientClampWarning` (the caller clamps)."""
+    for bad, test in (("NaN", np.isnan), ("Inf", np.isinf)):
+        names = [m for m, v in host.items() if test(v).any()]
+        if names:
+            first = names[0]
+            entries = np.argwhere(test(np.atleast_1d(host[first])))[:5].tolist()
+            raise CoefficientError(f"{where}: {bad} values in {names} (e.g. {first} at {entries}); coefficients "
+                                   "must be finite (σ units)")
+    over = {m: int(np.sum(np.abs(v) > limit)) for m, v in host.items()}
+    if any(over.values()):
+        worst = max(float(np.abs(v).max()) for v in host.values() if v.size)
+        counts = ", ".join(f"{m} {c}" for m, c in over.items() if c)
+        warnings.warn(f"{where} outside ±{limit:g}σ clamped ({counts}; max |k| = {worst:.3g})",
+                      CoefficientClampWarning, stacklevel=4)
+
+
+def clamp_coeffs(k: dict[str, Array], limit: float = COEFF_LIMIT, where: str = "GEM coefficients") -> dict[str, Array]:
+    """Clamp to ``±limit``; check and warn on eager values, stay silent on tracers (module docstring)."""
+    concrete = {m: np.asarray(v) for m, v in k.items() if not isinstance(v, jax.core.Tracer)}
     if concrete:
-        host = {m: np.asarray(v) for m, v in concrete.items()}
-        nan = [m for m, v in host.items() if np.isnan(v).any()]
-        if nan:
-            raise ValueError(f"GEM coefficients: NaN values in {nan}")
-        over = {m: int(np.sum(np.abs(v) > limit)) for m, v in host.items()}
-        if any(over.values()):
-            worst = max(float(np.abs(v).max()) for v in host.values())
-            counts = ", ".join(f"{m} {c}" for m, c in over.items() if c)
-            warnings.warn(
-                f"GEM coefficients outside ±{limit:g}σ clamped ({counts}; max |k| = {worst:.3g})",
-                CoefficientClampWarning,
-                stacklevel=3,
-            )
+        _check_and_warn(concrete, limit, where)
     return {m: jnp.clip(v, -limit, limit) for m, v in k.items()}
+
+
+def check_coefficients(model: GEM, k: Coeffs, *, limit: float = COEFF_LIMIT,
+                       where: str = "GEM coefficients") -> Float[np.ndarray, "*batch Ktot"]:
+    """The gate every path that renders or exports user coefficients goes through
+    (docs/architecture.md §10): the flat float32 ``(..., ΣK)`` vector of ``k`` (dict or flat),
+    shape-checked, with NaN/Inf refused (:class:`CoefficientError`, naming ``where``) and values
+    beyond ``±limit`` σ clamped with a :class:`CoefficientClampWarning`. Host-side (NumPy); jitted
+    code uses :func:`evaluate`, which clamps silently on tracers."""
+    parts = {m: np.asarray(v, np.float32) for m, v in split_coeffs(model, k).items()}
+    _check_and_warn(parts, limit, where)
+    return np.clip(np.asarray(flatten_coeffs(model, parts), np.float32), -limit, limit)
 
 
 def reconstruct(model: GEM, k: Coeffs) -> dict[str, Float[Array, "*batch D"]]:
@@ -306,6 +330,12 @@ def _from_fields(where: str, fields: Mapping[str, np.ndarray]) -> GEM:
     return GEM(mean, sigma, U, jnp.asarray(colors, jnp.float32), jnp.asarray(texels, jnp.int32), uv_shape)
 
 
+def from_fields(where: str, fields: Mapping[str, np.ndarray]) -> GEM:
+    """Validate arrays in :func:`to_fields`' layout (any container, e.g. the web export) and
+    build a float32 :class:`GEM`; errors name ``where``, the field and the expected shape."""
+    return _from_fields(where, fields)
+
+
 def to_fields(model: GEM, dtype: str = "float32") -> dict[str, np.ndarray]:
     """The arrays :func:`save` writes (means, bases, colours in ``dtype``; σ float32)."""
     if dtype not in DTYPES:
@@ -337,11 +367,11 @@ def load(path: str | os.PathLike) -> GEM:
     """Read a model written by :func:`save`; errors name the file, field and expected shape."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GEM model file")
+        raise MissingArtefactError(f"{path}: no such GEM model file")
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as err:  # zipfile / npy errors of every kind: not an .npz at all
-        raise GEMFormatError(f"{path}: not a readable GEM .npz file ({type(err).__name__}: {err})") from err
+        raise GEMFormatError(f"{path}: not a readable GEM .npz file ({describe_error(err)})") from err
     if not hasattr(npz, "files"):
         raise GEMFormatError(f"{path}: a single .npy array, not a GEM .npz file")
     fields = {}
@@ -350,7 +380,7 @@ def load(path: str | os.PathLike) -> GEM:
             try:
                 fields[name] = npz[name]
             except Exception as err:  # a truncated entry, or an object array (pickle refused)
-                raise GEMFormatError(f"{path}: field {name!r} unreadable ({type(err).__name__}: {err})") from err
+                raise GEMFormatError(f"{path}: field {name!r} unreadable ({describe_error(err)})") from err
     return _from_fields(str(path), fields)
 
 

@@ -65,7 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from gem_jax.artefacts import read_npy
 from gem_jax.atomic import write_npy
+from gem_jax.errors import ArtefactError, MissingArtefactError
 from gem_jax.eigen.qr import row_signs
 
 MODALITIES = ("position", "rotation", "scale", "opacity")
@@ -307,15 +309,6 @@ def _check_collect(where: str, matrices, colors, valid, timesteps) -> None:
         raise ValueError(f"{where}: 'timesteps' expected int shape ({n},), got {timesteps.dtype} {timesteps.shape}")
 
 
-def _load_npy(path: Path, mmap: bool) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (the collect stage writes {', '.join(COLLECT_FILES)})")
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable .npy array ({err})") from err
-
-
 def read_collect(collect_dir: str | os.PathLike, *, mmap: bool = True) -> CollectData:
     """Read ``<workdir>/collect`` (layout in the module docstring), validating every file.
 
@@ -325,13 +318,14 @@ def read_collect(collect_dir: str | os.PathLike, *, mmap: bool = True) -> Collec
     """
     root = Path(collect_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: collect directory not found (run the collect stage first)")
-    arrays = {name[: -len(".npy")]: _load_npy(root / name, mmap and name[:-4] in MODALITIES) for name in COLLECT_FILES}
+        raise MissingArtefactError(f"{root}: collect directory not found (run the collect stage first)")
+    arrays = {name[: -len(".npy")]: read_npy(root / name, "collect", mmap=mmap and name[:-4] in MODALITIES)
+              for name in COLLECT_FILES}
     matrices = {m: arrays[m] for m in MODALITIES}
     try:
         _check_collect(str(root), matrices, arrays["colors"], arrays["valid"], arrays["timesteps"])
     except ValueError as err:
-        raise ValueError(f"{err} (layout: see gem_jax.eigen.pca)") from None
+        raise ArtefactError(f"{err} (layout: see gem_jax.eigen.pca); redo it with --force collect") from None
     return CollectData(matrices, arrays["colors"].astype(np.float32), arrays["valid"], arrays["timesteps"])
 
 

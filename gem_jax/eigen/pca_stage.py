@@ -1,4 +1,4 @@
-"""The ``pca`` stage: per-modality PCA of the collected Gaussians → the PCA-only GEM (DESIGN §1, §6).
+"""The ``pca`` stage: per-modality PCA of the collected Gaussians → the PCA-only GEM (docs/architecture.md §1, §6).
 
     python -m gem_jax.train --config configs/quickstart.py --workdir runs/q --stage pca
 
@@ -17,43 +17,42 @@ excluded: it is static in the teacher and stays fixed per Gaussian), and writes 
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from gem_jax.atomic import write_npy
-from gem_jax.eigen.evaluate import evaluate_protocol
+from gem_jax.atomic import write_npy, write_text
+from gem_jax.eigen.evaluate import evaluate_gem
 from gem_jax.eigen.model import GEM, size_mb
 from gem_jax.eigen.pca import MODALITIES, fit_modalities, read_collect, variance_report
 from gem_jax.eigen.workdir import MODEL_FILE
+from gem_jax.loop import log
 
 __all__ = ["run"]
 
 STAGE = "pca"
 
 
-def run(config, workdir: str | os.PathLike, force: bool = False) -> dict:
+def run(ctx, pconfig) -> dict:
     """Fit the PCA-only GEM and evaluate it (module docstring); returns the evaluation dict."""
-    workdir = Path(workdir)
-    out = workdir / STAGE
+    out = ctx.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    data = read_collect(workdir / "collect")
-    components = {m: int(config.pca.components[m]) for m in MODALITIES}
-    results = fit_modalities(data.matrices, components, method=str(config.pca.method))
+    data = read_collect(ctx.stage_dir("collect"))
+    components = {m: int(pconfig.components[m]) for m in MODALITIES}
+    results = fit_modalities(data.matrices, components, method=str(pconfig.method))
     model = GEM.from_pca(results, data.colors, data.valid)
     report = variance_report(results)
     coeffs = np.concatenate([np.asarray(results[m].coeffs) for m in MODALITIES], axis=1).astype(np.float32)
     if jax.process_index() == 0:
-        model.save(out / MODEL_FILE, dtype=str(config.pca.dtype))
+        model.save(out / MODEL_FILE, dtype=str(pconfig.dtype))
         write_npy(out / "coeffs.npy", coeffs)
         write_npy(out / "timesteps.npy", data.timesteps.astype(np.int64))
-        (out / "report.txt").write_text(report + "\n")
-    print(f"[pca] {data.num_timesteps} timesteps × {data.num_gaussians} Gaussians in {time.time() - start:.1f}s")
-    print(report)
-    print(f"[pca] {model.summary()}")
-    print(f"[pca] wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB on disk")
-    return evaluate_protocol(config, workdir, model, out, tag="pca")
+        write_text(out / "report.txt", report + "\n")
+        # Only process 0 wrote the file, so only it may read it back (a multi-host job races here).
+        log(STAGE, f"wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB on disk")
+    log(STAGE, f"{data.num_timesteps} timesteps × {data.num_gaussians} Gaussians in {time.time() - start:.1f}s")
+    log(STAGE, "explained variance:\n" + report)
+    log(STAGE, f"{model.summary()}")
+    return evaluate_gem(ctx, model, out, tag=STAGE)

@@ -1,4 +1,4 @@
-"""What the GEM stages read from and write to a work directory (DESIGN §1).
+"""What the GEM stages read from and write to a work directory (docs/architecture.md §1).
 
     <workdir>/collect/   the teacher's Gaussians per training timestep (gem_jax.eigen.pca layout)
                          and roots.npy (T_all, 4, 4): the root pose of every timestep
@@ -7,7 +7,7 @@
     <workdir>/refine/    gem.npz (the refined model), ckpt/ (orbax), metrics.json, eval.json
 
 The eigen stages never import the teacher: ``collect`` hands them these plain arrays. Every
-reader names the missing file and the stage that writes it.
+reader names the missing or corrupt file and the stage that writes it (:mod:`gem_jax.artefacts`).
 """
 
 from __future__ import annotations
@@ -17,26 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
-from gem_jax.eigen.model import GEM, load
+from gem_jax.artefacts import artefact_error, need, read_npy, read_npz
+from gem_jax.eigen.model import GEM, GEMFormatError, load
 
-__all__ = ["MODEL_FILE", "Coefficients", "load_model", "load_pca_coefficients", "load_roots"]
+__all__ = ["MODEL_FILE", "Coefficients", "load_model", "load_pca_coefficients", "load_roots", "stored_dtype"]
 
 MODEL_FILE = "gem.npz"
 ROOTS_FILE = "roots.npy"
 
 
-def _need(path: Path, stage: str) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; run --stage {stage} first")
-    return path
-
-
 def load_roots(workdir: str | os.PathLike) -> np.ndarray:
     """``(T_all, 4, 4)`` root poses (world ← head frame) indexed by timestep, from ``collect``."""
-    path = _need(Path(workdir) / "collect" / ROOTS_FILE, "collect")
-    roots = np.load(path, allow_pickle=False)
-    if roots.ndim != 3 or roots.shape[1:] != (4, 4) or not np.all(np.isfinite(roots)):
-        raise ValueError(f"{path}: expected finite float (T, 4, 4) root transforms, got {roots.dtype} {roots.shape}")
+    path = Path(workdir) / "collect" / ROOTS_FILE
+    roots = read_npy(path, "collect", ndim=3, kind="f")
+    if roots.shape[1:] != (4, 4) or not np.all(np.isfinite(roots)):
+        raise artefact_error(path, "collect", f"expected finite float (T, 4, 4) root transforms, found "
+                                              f"{roots.dtype} {roots.shape}")
     return roots.astype(np.float32)
 
 
@@ -62,8 +58,13 @@ class Coefficients:
 
 def load_pca_coefficients(workdir: str | os.PathLike) -> Coefficients:
     root = Path(workdir) / "pca"
-    k = np.load(_need(root / "coeffs.npy", "pca"), allow_pickle=False)
-    t = np.load(_need(root / "timesteps.npy", "pca"), allow_pickle=False)
+    k = read_npy(root / "coeffs.npy", "pca", ndim=2, kind="f")
+    t = read_npy(root / "timesteps.npy", "pca", ndim=1, kind="i")
+    if t.shape != (k.shape[0],):
+        raise artefact_error(root / "timesteps.npy", "pca", f"expected shape ({k.shape[0]},) (one timestep per row "
+                                                           f"of coeffs.npy), found {t.shape}")
+    if not np.all(np.isfinite(k)):
+        raise artefact_error(root / "coeffs.npy", "pca", "expected finite coefficients, found NaN/Inf")
     return Coefficients(t, k)
 
 
@@ -72,4 +73,12 @@ def load_model(workdir: str | os.PathLike, stage: str | None = None) -> GEM:
     workdir = Path(workdir)
     if stage is None:
         stage = "refine" if (workdir / "refine" / MODEL_FILE).is_file() else "pca"
-    return load(_need(workdir / stage / MODEL_FILE, stage))
+    try:
+        return load(need(workdir / stage / MODEL_FILE, stage))
+    except GEMFormatError as err:
+        raise GEMFormatError(f"{err}; it is written by the {stage} stage: redo it with --force {stage}") from err
+
+
+def stored_dtype(path: str | os.PathLike) -> str:
+    """``"float16"`` or ``"float32"``: how the bases of the model file at ``path`` are stored."""
+    return "float16" if read_npz(path, "pca")["position_U"].dtype == np.float16 else "float32"

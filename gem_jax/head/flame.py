@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from gem_jax.errors import SubjectFormatError
+
 REQUIRED_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table", "f")
 #: FLAME's pose vector layout: axis-angle per joint, joints in this order.
 JOINT_NAMES = ("root", "neck", "jaw", "eye_left", "eye_right")
@@ -164,7 +166,7 @@ def _kinematic_chain(rots, joints, parents):
 
 def _parents_from_kintree(kintree: np.ndarray, where: str) -> tuple[int, ...]:
     if kintree.ndim != 2 or kintree.shape[0] != 2:
-        raise ValueError(f"{where}: field 'kintree_table' expected shape (2, J), got {kintree.shape}")
+        raise SubjectFormatError(f"{where}: field 'kintree_table' expected shape (2, J), got {kintree.shape}")
     ids = kintree[1].astype(np.int64)
     order = {int(j): i for i, j in enumerate(ids)}
     parents = []
@@ -173,7 +175,7 @@ def _parents_from_kintree(kintree: np.ndarray, where: str) -> tuple[int, ...]:
         if i == 0:
             parents.append(-1)
         elif p not in order or order[p] >= i:
-            raise ValueError(f"{where}: field 'kintree_table' joint {i} has invalid parent {p}")
+            raise SubjectFormatError(f"{where}: field 'kintree_table' joint {i} has invalid parent {p}")
         else:
             parents.append(order[p])
     return tuple(parents)
@@ -189,21 +191,26 @@ def head_model_from_arrays(arrays: dict, n_shape: int | None = None, n_expr: int
     """
     for key in REQUIRED_KEYS:
         if key not in arrays:
-            raise ValueError(f"{where}: missing field {key!r} (FLAME format needs {list(REQUIRED_KEYS)})")
-    get = lambda k: np.asarray(arrays[k])  # noqa: E731
+            raise SubjectFormatError(f"{where}: missing field {key!r} (FLAME format needs {list(REQUIRED_KEYS)})")
+    def get(key: str) -> np.ndarray:
+        value = np.asarray(arrays[key])
+        if value.dtype.kind not in "biuf":
+            raise SubjectFormatError(f"{where}: field {key!r} expected numbers, found dtype {value.dtype}")
+        return value
+
     v_template = get("v_template").astype(np.float32)
     if v_template.ndim != 2 or v_template.shape[1] != 3:
-        raise ValueError(f"{where}: field 'v_template' expected shape (V, 3), got {v_template.shape}")
+        raise SubjectFormatError(f"{where}: field 'v_template' expected shape (V, 3), got {v_template.shape}")
     num_v = v_template.shape[0]
     shapedirs = get("shapedirs").astype(np.float32)
     if shapedirs.ndim != 3 or shapedirs.shape[:2] != (num_v, 3):
-        raise ValueError(f"{where}: field 'shapedirs' expected shape ({num_v}, 3, S+E), got {shapedirs.shape}")
+        raise SubjectFormatError(f"{where}: field 'shapedirs' expected shape ({num_v}, 3, S+E), got {shapedirs.shape}")
     stored_shape = int(np.asarray(arrays["n_shape"])) if "n_shape" in arrays else min(300, shapedirs.shape[2])
     n_total_expr = shapedirs.shape[2] - stored_shape
     n_shape = stored_shape if not n_shape else n_shape
     n_expr = n_total_expr if not n_expr else n_expr
     if n_shape > stored_shape or n_expr > n_total_expr:
-        raise ValueError(f"{where}: asked for {n_shape} shape / {n_expr} expression components, "
+        raise SubjectFormatError(f"{where}: asked for {n_shape} shape / {n_expr} expression components, "
                          f"the file has {stored_shape} / {n_total_expr}")
     kintree = get("kintree_table")
     parents = _parents_from_kintree(kintree, where)
@@ -213,33 +220,35 @@ def head_model_from_arrays(arrays: dict, n_shape: int | None = None, n_expr: int
     if posedirs.shape == (num_p, num_v * 3):  # smplx-style (P, V*3)
         posedirs = posedirs.T.reshape(num_v, 3, num_p)
     if posedirs.shape != (num_v, 3, num_p):
-        raise ValueError(f"{where}: field 'posedirs' expected shape ({num_v}, 3, {num_p}), got {posedirs.shape}")
+        raise SubjectFormatError(
+            f"{where}: field 'posedirs' expected shape ({num_v}, 3, {num_p}), got {posedirs.shape}")
     j_reg = arrays["J_regressor"]
     j_reg = np.asarray(j_reg.toarray() if hasattr(j_reg, "toarray") else j_reg, dtype=np.float32)
     if j_reg.shape != (num_j, num_v):
-        raise ValueError(f"{where}: field 'J_regressor' expected shape ({num_j}, {num_v}), got {j_reg.shape}")
+        raise SubjectFormatError(f"{where}: field 'J_regressor' expected shape ({num_j}, {num_v}), got {j_reg.shape}")
     weights = get("weights").astype(np.float32)
     if weights.shape != (num_v, num_j):
-        raise ValueError(f"{where}: field 'weights' expected shape ({num_v}, {num_j}), got {weights.shape}")
+        raise SubjectFormatError(f"{where}: field 'weights' expected shape ({num_v}, {num_j}), got {weights.shape}")
     faces = get("f").astype(np.int32)
     if faces.ndim != 2 or faces.shape[1] != 3 or faces.min(initial=0) < 0 or faces.max(initial=0) >= num_v:
-        raise ValueError(f"{where}: field 'f' expected shape (F, 3) with indices < {num_v}, got {faces.shape}")
+        raise SubjectFormatError(f"{where}: field 'f' expected shape (F, 3) with indices < {num_v}, got {faces.shape}")
     vt = ft = mouth = None
     if "vt" in arrays and "ft" in arrays:
         vt = get("vt").astype(np.float32)
         ft = get("ft").astype(np.int32)
         if vt.ndim != 2 or vt.shape[1] != 2:
-            raise ValueError(f"{where}: field 'vt' expected shape (Vt, 2), got {vt.shape}")
+            raise SubjectFormatError(f"{where}: field 'vt' expected shape (Vt, 2), got {vt.shape}")
         if ft.shape != faces.shape or ft.max(initial=0) >= vt.shape[0] or ft.min(initial=0) < 0:
-            raise ValueError(f"{where}: field 'ft' expected shape {faces.shape} with indices < {vt.shape[0]}")
+            raise SubjectFormatError(f"{where}: field 'ft' expected shape {faces.shape} with indices < {vt.shape[0]}")
     if "mouth_faces" in arrays:
         mouth = get("mouth_faces").astype(bool)
         if mouth.shape != (faces.shape[0],):
-            raise ValueError(f"{where}: field 'mouth_faces' expected shape ({faces.shape[0]},), got {mouth.shape}")
+            raise SubjectFormatError(
+                f"{where}: field 'mouth_faces' expected shape ({faces.shape[0]},), got {mouth.shape}")
     for name, arr in (("v_template", v_template), ("shapedirs", shapedirs), ("posedirs", posedirs),
                       ("J_regressor", j_reg), ("weights", weights)):
         if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{where}: field {name!r} contains NaN or Inf")
+            raise SubjectFormatError(f"{where}: field {name!r} contains NaN or Inf")
     return HeadModel(
         v_template=jnp.asarray(v_template),
         shapedirs=jnp.asarray(shapedirs[..., :n_shape]),
@@ -254,21 +263,30 @@ def head_model_from_arrays(arrays: dict, n_shape: int | None = None, n_expr: int
 def load_head_model(path: str | Path, n_shape: int | None = None, n_expr: int | None = None) -> HeadModel:
     """Load a FLAME-format head model from ``.npz`` or FLAME ``.pkl`` (restricted unpickler)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"head model file not found: {path}")
+    if not path.is_file():
+        raise SubjectFormatError(f"{path}: head model file not found")
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
+                if not hasattr(data, "files"):
+                    raise SubjectFormatError(f"{path}: expected an .npz archive of named arrays, got a single array")
                 arrays = {k: data[k] for k in data.files}
-        except (ValueError, OSError) as err:
-            raise ValueError(f"{path}: not a readable .npz head model ({err})") from err
+        except SubjectFormatError:
+            raise
+        except Exception as err:  # truncated / garbage / object arrays: zipfile, npy and pickle errors alike
+            raise SubjectFormatError(f"{path}: not a readable .npz head model ({type(err).__name__}: {err})") from err
     elif path.suffix == ".pkl":
         from gem_jax.head.safe_pickle import load_flame_pickle
 
         arrays = load_flame_pickle(path)
     else:
-        raise ValueError(f"{path}: unsupported head model format {path.suffix!r} (expected .npz or .pkl)")
-    return head_model_from_arrays(arrays, n_shape, n_expr, where=str(path))
+        raise SubjectFormatError(f"{path}: unsupported head model format {path.suffix!r} (expected .npz or .pkl)")
+    try:
+        return head_model_from_arrays(arrays, n_shape, n_expr, where=str(path))
+    except SubjectFormatError:
+        raise
+    except (TypeError, ValueError, AttributeError) as err:  # e.g. a field of strings where numbers belong
+        raise SubjectFormatError(f"{path}: malformed head model ({type(err).__name__}: {err})") from err
 
 
 def save_head_model(path: str | Path, arrays: dict) -> None:

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
+from gem_jax.errors import SubjectFormatError
+
 try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core import multiarray as _multiarray
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle asked for a global outside the FLAME allow-list."""
+class UnsafePickleError(SubjectFormatError, pickle.UnpicklingError):
+    """A pickle asked for a global outside the FLAME allow-list (a :class:`SubjectFormatError`)."""
 
 
 class _ChumpyState:
@@ -109,15 +111,15 @@ for _mod in ("scipy.sparse.csr", "scipy.sparse._csr"):
     _ALLOWED[(_mod, "csr_matrix")] = _CsrState
 
 
-class FlameUnpickler(pickle.Unpickler):
+class ArrayUnpickler(pickle.Unpickler):
     """Unpickler that resolves only allow-listed globals (see module docstring)."""
 
     def find_class(self, module: str, name: str):
         target = _ALLOWED.get((module, name))
         if target is None:
             raise UnsafePickleError(
-                f"refused to load global {module}.{name}: FLAME pickles may contain only numpy, "
-                "scipy.sparse and chumpy array state"
+                f"refused to load global {module}.{name}: only numpy, "
+                "scipy.sparse and chumpy array state may be unpickled"
             )
         return target
 
@@ -133,11 +135,14 @@ def load_flame_pickle(path: str | Path) -> dict:
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            raw = FlameUnpickler(fh, encoding="latin1").load()
+            raw = ArrayUnpickler(fh, encoding="latin1").load()
     except UnsafePickleError as err:
         raise UnsafePickleError(f"{path}: {err}") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable FLAME pickle ({err})") from err
+    except Exception as err:  # truncated, garbage, or a pickle of something else: all unreadable
+        raise SubjectFormatError(f"{path}: not a readable FLAME pickle ({type(err).__name__}: {err})") from err
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a dict of arrays, got {type(raw).__name__}")
-    return {str(k): _to_plain(v) for k, v in raw.items()}
+        raise SubjectFormatError(f"{path}: expected a dict of arrays, got {type(raw).__name__}")
+    try:
+        return {str(k): _to_plain(v) for k, v in raw.items()}
+    except Exception as err:
+        raise SubjectFormatError(f"{path}: not a readable FLAME pickle ({type(err).__name__}: {err})") from err

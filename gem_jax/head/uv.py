@@ -23,6 +23,15 @@ Conventions:
   proper rotation (``det = +1``) — on mirrored UV islands ``B`` points along ``−∂p/∂v``.
   Degenerate UV or mesh triangles fall back to the face's first edge, then to a fixed axis;
   nothing produces NaNs (values or gradients).
+* **Texels on faces without area are not Gaussians** (:func:`degenerate_faces`,
+  :func:`drop_faces`). A face whose 3D area on the reference (canonical) mesh is below
+  ``1e-4 ×`` the median face area has no normal: its frame would be set by float rounding (a
+  1e-6 nudge of the mesh turns it by up to 180°, and two x86-64 CPUs that round differently
+  disagree). The teacher drops such texels from its layout once, from the canonical mesh; on
+  every remaining texel the frame is a Lipschitz function of the vertices with a constant set
+  by the shortest edge around it (``tests/test_uv.py``, ``test_frames_are_well_conditioned…``).
+  On the synthetic head these are the rows of the mouth fold that coincide outside the mouth
+  (10 % of the texels of a 64² layout); a FLAME template has none.
 """
 
 from __future__ import annotations
@@ -45,7 +54,12 @@ __all__ = [
     "position_map",
     "normal_map",
     "tbn_frames",
+    "degenerate_faces",
+    "drop_faces",
 ]
+
+#: Faces with less than this fraction of the median face area have no usable normal.
+DEGENERATE_AREA = 1e-4
 
 _TINY = 1e-20  # squared norms below this are "zero" for the safe normalisations
 
@@ -87,6 +101,34 @@ def rasterize_uv(vt: Float[np.ndarray, "Vt 2"], ft: Int[np.ndarray, "F 3"], reso
     verts = np.concatenate([vt * res, np.zeros((vt.shape[0], 1))], axis=1)
     raster = rasterize_triangles(verts, ft, res, res)
     return UVRaster(face_index=raster.face_index, bary=raster.bary, valid=raster.face_index >= 0)
+
+
+def degenerate_faces(
+    vertices: Float[np.ndarray, "V 3"], faces: Int[np.ndarray, "F 3"], rel_area: float = DEGENERATE_AREA
+) -> Bool[np.ndarray, "F"]:
+    """Faces whose 3D area is below ``rel_area ×`` the median face area (float64 NumPy).
+
+    Such a face (two corners coincide, or all three are collinear) has no normal; its frame
+    would be fixed by rounding (module docstring).
+    """
+    v = np.asarray(vertices, np.float64)
+    f = np.asarray(faces)
+    if v.ndim != 2 or v.shape[1] != 3:
+        raise ValueError(f"vertices: expected shape (V, 3), got {v.shape}")
+    if f.ndim != 2 or f.shape[1] != 3:
+        raise ValueError(f"faces: expected shape (F, 3), got {f.shape}")
+    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
+    return area <= rel_area * float(np.median(area))
+
+
+def drop_faces(uv: UVRaster, drop: Bool[np.ndarray, "F"]) -> UVRaster:
+    """``uv`` without the texels covered by the faces in ``drop`` (they become invalid texels)."""
+    face = np.asarray(uv.face_index)
+    drop = np.asarray(drop, bool)
+    gone = (face >= 0) & drop[np.maximum(face, 0)]
+    return UVRaster(face_index=np.where(gone, -1, face).astype(face.dtype),
+                    bary=np.where(gone[..., None], 0.0, np.asarray(uv.bary)).astype(np.asarray(uv.bary).dtype),
+                    valid=np.asarray(uv.valid) & ~gone)
 
 
 def _check_mesh(vertices: Array, faces: Array) -> None:

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gem_jax.errors import SubjectFormatError
+
 __all__ = ["EXTRACTORS", "FeatureUnavailableError", "LandmarkFeatures", "PrecomputedFeatures", "VGGFeatures",
            "make_extractor", "procrustes_normalise"]
 
@@ -131,7 +133,7 @@ class PrecomputedFeatures:
         files = sorted(self.folder.glob("*.npy")) if self.folder.is_dir() else []
         if not files:
             raise FileNotFoundError(f"{self.folder}: no per-frame .npy feature files (expected <frame:05d>.npy)")
-        self.dim = int(np.load(files[0], allow_pickle=False).size)
+        self.dim = int(_read_feature(files[0]).size)
 
     def __call__(self, frames) -> np.ndarray:
         out = np.zeros((len(frames), self.dim), np.float32)
@@ -139,11 +141,20 @@ class PrecomputedFeatures:
             path = self.folder / f"{int(f):05d}.npy"
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing precomputed features of frame {int(f)}")
-            v = np.load(path, allow_pickle=False).reshape(-1)
+            v = _read_feature(path)
             if v.size != self.dim or not np.all(np.isfinite(v)):
-                raise ValueError(f"{path}: expected {self.dim} finite values, got shape {v.shape}")
+                raise SubjectFormatError(f"{path}: expected {self.dim} finite values (like {self.folder}'s first "
+                                         f"file), found shape {v.shape}")
             out[i] = v
         return out
+
+
+def _read_feature(path: Path) -> np.ndarray:
+    """One user-supplied feature vector; any unreadable file is a :class:`SubjectFormatError`."""
+    try:
+        return np.asarray(np.load(path, allow_pickle=False), np.float32).reshape(-1)
+    except Exception as err:
+        raise SubjectFormatError(f"{path}: not a readable .npy feature vector ({type(err).__name__}: {err})") from err
 
 
 EXTRACTORS = {"vgg": VGGFeatures, "landmarks": LandmarkFeatures, "precomputed": PrecomputedFeatures}

@@ -25,7 +25,9 @@ import numpy as np
 from flax import traverse_util
 from jaxtyping import Array, Float
 
+from gem_jax.artefacts import artefact_error, read_npz
 from gem_jax.atomic import write_npz
+
 __all__ = ["BOUND", "FeaturePCA", "Regressor", "fit_feature_pca", "load_regressor", "save_regressor"]
 
 BOUND = 2.9
@@ -99,20 +101,39 @@ def save_regressor(path: str | os.PathLike, pca: FeaturePCA, net: Regressor, par
 
 
 def load_regressor(path: str | os.PathLike) -> tuple[FeaturePCA, Regressor, dict, dict]:
-    """``(feature PCA, module, params, extra)`` from :func:`save_regressor`'s file."""
+    """``(feature PCA, module, params, extra)`` from :func:`save_regressor`'s file.
+
+    A missing, truncated or inconsistent file is an :class:`~gem_jax.errors.ArtefactError`
+    naming it: the sizes, the feature PCA and every weight's shape are checked against the
+    network the sizes describe.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no regressor file; run --stage regress first")
-    with np.load(path, allow_pickle=False) as z:
-        fields = {k: z[k] for k in z.files}
-    for key in ("format_version", "pca_mean", "pca_components", "pca_sigma", "num_outputs"):
+    fields = read_npz(path, "regress")
+    for key in ("format_version", "pca_mean", "pca_components", "pca_sigma", "num_outputs", "width", "depth",
+                "dropout"):
         if key not in fields:
-            raise ValueError(f"{path}: missing field {key!r} (not a gem_jax regressor file)")
+            raise artefact_error(path, "regress", f"missing field {key!r} (not a gem_jax regressor file)")
     if int(fields["format_version"]) != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {int(fields['format_version'])} is not {FORMAT_VERSION}")
-    pca = FeaturePCA(fields["pca_mean"], fields["pca_components"], fields["pca_sigma"])
+        raise artefact_error(path, "regress",
+                             f"format_version {int(fields['format_version'])} is not {FORMAT_VERSION}")
+    mean, comps, sigma = fields["pca_mean"], fields["pca_components"], fields["pca_sigma"]
+    if mean.ndim != 1 or comps.ndim != 2 or comps.shape[1] != mean.shape[0] or sigma.shape != comps.shape[:1]:
+        raise artefact_error(path, "regress", f"feature PCA: expected mean (F,), components (P, F), sigma (P,), "
+                                              f"found {mean.shape}, {comps.shape}, {sigma.shape}")
+    if not all(np.all(np.isfinite(a)) for a in (mean, comps, sigma)) or not np.all(sigma > 0):
+        raise artefact_error(path, "regress", "feature PCA: expected finite values and positive sigma")
+    pca = FeaturePCA(mean, comps, sigma)
     net = Regressor(int(fields["num_outputs"]), int(fields["width"]), int(fields["depth"]), float(fields["dropout"]))
     params = traverse_util.unflatten_dict({tuple(k[len("param/"):].split("/")): jnp.asarray(v)
                                            for k, v in fields.items() if k.startswith("param/")})
+    expected = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, pca.dim)))["params"])
+    want = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(expected).items()}
+    have = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(params).items()}
+    if want != have:
+        diff = sorted(f"param/{k}: expected {want.get(k)}, found {have.get(k)}"
+                      for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+        raise artefact_error(path, "regress", "weights do not match the stored sizes: " + "; ".join(diff[:5]))
+    if not all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(params)):
+        raise artefact_error(path, "regress", "weights contain NaN/Inf")
     extra = {k[len("extra/"):]: v.item() for k, v in fields.items() if k.startswith("extra/")}
     return pca, net, params, extra

@@ -29,51 +29,38 @@ camera). Beside them the fitted-coefficient upper bound of the ``refine`` (or ``
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import sys
+import functools
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gem_jax import parallel
+from gem_jax import loop, parallel
+from gem_jax.artefacts import read_json
 from gem_jax.atomic import write_json
-from gem_jax.checkpoint import StageCheckpoints
+from gem_jax.batching import sample_rows
 from gem_jax.data.images import ImageSet, load_images
-from gem_jax.eigen.evaluate import evaluate_images
+from gem_jax.data.subject import load_subject
+from gem_jax.eigen.evaluate import gem_renderer
 from gem_jax.eigen.render import frame_capacity, render_batch
 from gem_jax.eigen.workdir import load_model, load_pca_coefficients, load_roots
+from gem_jax.evaluation import Protocol
 from gem_jax.head.flame import lbs
 from gem_jax.head.meshraster import project_vertices
 from gem_jax.losses import dssim_loss, l1_loss
 from gem_jax.metrics import psnr
+from gem_jax.multihost import barrier
 from gem_jax.regress.crop import box_from_vertices, crop
 from gem_jax.regress.features import make_extractor
-from gem_jax.regress.model import Regressor, fit_feature_pca, load_regressor, save_regressor
+from gem_jax.regress.inference import REGRESSOR_FILE, TrainedRegressor, neutral_timestep
+from gem_jax.regress.model import Regressor, fit_feature_pca, save_regressor
+from gem_jax.schedules import warmup_cosine
 
-__all__ = ["REGRESSOR_FILE", "neutral_timestep", "predict", "relative_features", "run", "tracked_crops"]
+__all__ = ["compiled_train_step", "make_train_step", "relative_features", "run", "tracked_crops"]
 
 STAGE = "regress"
-REGRESSOR_FILE = "regressor.npz"
-
-
-def _log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(f"[regress] {message}", flush=True)
-
-
-def neutral_timestep(subject, timesteps) -> int:
-    """The timestep whose tracked expression and jaw pose are closest to zero."""
-    def energy(t):
-        p = subject.flame_params(int(t))
-        return float(np.sum(np.square(p.expr)) + np.sum(np.square(p.jaw_pose)))
-
-    return int(min(sorted(set(int(t) for t in timesteps)), key=energy))
 
 
 def tracked_crops(subject, head_model, images: ImageSet, size: int, margin: float, background) -> np.ndarray:
@@ -103,11 +90,9 @@ def relative_features(features: np.ndarray, images: ImageSet, neutral_t: int) ->
 
 
 def make_optimizer(rc) -> optax.GradientTransformation:
-    steps, warmup = int(rc.steps), min(int(rc.warmup_steps), max(int(rc.steps) - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, float(rc.lr), max(warmup, 1), max(steps, warmup + 1),
-                                                  float(rc.lr) * float(rc.end_lr_factor))
     return optax.chain(optax.clip_by_global_norm(float(rc.clip_norm)),
-                       optax.adamw(schedule, weight_decay=float(rc.weight_decay)))
+                       optax.adamw(warmup_cosine(rc.lr, rc.steps, rc.warmup_steps, rc.end_lr_factor),
+                                   weight_decay=float(rc.weight_decay)))
 
 
 def make_train_step(net: Regressor, rc, optimizer, mesh, width: int, height: int, capacity: int, seed: int,
@@ -117,11 +102,8 @@ def make_train_step(net: Regressor, rc, optimizer, mesh, width: int, height: int
     w_l1, w_dssim, w_k, w_prior = float(w.l1), float(w.dssim), float(w.coeff), float(w.prior)
 
     def grad_fn(params, batch, model, step):
-        key = jax.random.fold_in(jax.random.key(seed), step)
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(batch["index"])
-        bg = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (3,)))(keys)
-        mask = batch["mask"].astype(jnp.float32)[..., None] / 255.0
-        target = batch["fg"].astype(jnp.float32) / 255.0 + bg[:, None, None, :] * (1.0 - mask)
+        keys = loop.example_keys(seed, step, batch["index"])
+        target, bg = loop.photometric_target(batch, keys, True, None)
 
         def loss_fn(p):
             def one(x, k):
@@ -139,24 +121,15 @@ def make_train_step(net: Regressor, rc, optimizer, mesh, width: int, height: int
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, {"loss": loss, **aux}
 
-    data_parallel = parallel.data_parallel(grad_fn, mesh)
-
-    def step_fn(state, batch, model):
-        grads, metrics = data_parallel(state["params"], batch, model, state["step"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        ok = jnp.isfinite(metrics["loss"]) & (metrics["overflow"] == 0)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        return ({"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
-                 "step": state["step"] + 1}, {**metrics, "rejected": 1.0 - ok.astype(jnp.float32)})
-
-    return jax.jit(step_fn, donate_argnums=0)
+    return loop.make_step(grad_fn, optimizer, mesh)
 
 
-def predict(net: Regressor, params, pca, relative: np.ndarray) -> np.ndarray:
-    """``(B, ΣK)`` coefficients of relative features (eval mode: no dropout)."""
-    x = jnp.asarray(pca.transform(relative))
-    return np.asarray(jax.jit(lambda p, x: net.apply({"params": p}, x))(params, x))
+@functools.lru_cache(maxsize=8)
+def compiled_train_step(key: loop.SectionKey, net: Regressor, mesh, width: int, height: int, capacity: int,
+                        seed: int, backend: str):
+    """:func:`make_train_step` cached on its arguments (``key``: the regress section)."""
+    rc = key.section
+    return make_train_step(net, rc, make_optimizer(rc), mesh, width, height, capacity, seed, backend)
 
 
 class _Data:
@@ -194,136 +167,80 @@ class _Data:
         return self.images.subset(self.eval_rows)
 
 
-def run(config, workdir: str | os.PathLike, force: bool = False, mesh=None) -> dict:
+def run(ctx, rconfig) -> dict:
     """Train (or resume) the regressor, save it, and evaluate reenactment (module docstring)."""
-    from tqdm import tqdm
-
-    from gem_jax.data.prepare import subject_dir
-    from gem_jax.data.subject import load_subject
-
-    workdir = Path(workdir)
-    rc, seed = config.regress, int(config.seed)
-    out = workdir / STAGE
-    if force and out.exists() and jax.process_index() == 0:
-        shutil.rmtree(out)
+    rc, seed, mesh = rconfig, int(ctx.seed), ctx.mesh
+    out = ctx.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
-    background = tuple(float(x) for x in config.data.background)
-    backend = str(config.render.backend)
     start_time = time.time()
-    model = load_model(workdir)
-    coeffs, roots = load_pca_coefficients(workdir), load_roots(workdir)
-    subject = load_subject(subject_dir(config, workdir))
-    head_model = subject.head_model(config.data.head_model or None, int(config.data.n_shape), int(config.data.n_expr))
+    model = load_model(ctx.workdir)
+    coeffs, roots = load_pca_coefficients(ctx.workdir), load_roots(ctx.workdir)
     extractor = make_extractor(str(rc.features), crop_size=int(rc.crop_size))
-    train = _Data(subject, head_model, "train", extractor, rc, background)  # every training image
+    train = _Data(ctx.subject, ctx.head_model, "train", extractor, rc, ctx.background)  # every training image
     pca = fit_feature_pca(train.relative, int(rc.feature_dim))
     x = pca.transform(train.relative)
-    k_gt = coeffs.of(train.images.timesteps)
-    _log(f"{train.images.num} training crops, {extractor.name} features {train.features.shape[1]} → PCA {pca.dim}; "
-         f"neutral timestep {train.neutral_t}; {time.time() - start_time:.1f}s")
+    images = train.images
+    k_gt = coeffs.of(images.timesteps)
+    loop.log(STAGE, f"{images.num} training crops, {extractor.name} features {train.features.shape[1]} → PCA "
+                    f"{pca.dim}; neutral timestep {train.neutral_t}; {time.time() - start_time:.1f}s")
     net = Regressor(model.total_components, int(rc.width), int(rc.depth), float(rc.dropout))
     optimizer = make_optimizer(rc)
-    mesh = parallel.data_mesh() if mesh is None else mesh
     batch_size = parallel.global_batch_size(int(rc.batch_size), mesh)
 
     def init():
         params = net.init(jax.random.key(seed), jnp.zeros((1, pca.dim)))["params"]
         return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    ckpt = StageCheckpoints(out / "ckpt", save_every=int(rc.checkpoint_every), max_to_keep=2)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    if ckpt.latest_step() is not None:
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                              jax.eval_shape(init))
-        state = ckpt.restore(target)
-        _log(f"resumed from {ckpt.directory} at step {int(state['step'])}")
-    else:
-        state = parallel.replicate(init(), mesh)
-    images = train.images
+    def batch(step):
+        pick = sample_rows(images.num, batch_size, (seed, 5, step))
+        t = images.timesteps[pick]
+        return {"fg": images.fg[pick], "mask": images.masks[pick], "x": x[pick], "k": k_gt[pick], "root": roots[t],
+                "viewmat": images.viewmats[pick].astype(np.float32), "K": images.Ks[pick].astype(np.float32),
+                "index": np.arange(batch_size, dtype=np.int32)}
+
     probe = np.linspace(0, images.num - 1, min(images.num, 16)).round().astype(int)
-    capacity = frame_capacity(model, k_gt[probe], roots[images.timesteps[probe]], images.viewmats[probe],
-                              images.Ks[probe], images.width, images.height, headroom=2.0)
-    step_fn = make_train_step(net, rc, optimizer, mesh, images.width, images.height, capacity, seed, backend)
-    model_rep = parallel.replicate(model, mesh)
-    steps, step = int(rc.steps), int(state["step"])
-    records = []
-    bar = tqdm(total=steps, initial=step, desc="regress", unit="step", file=sys.stderr, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 15.0, disable=jax.process_index() != 0)
-    try:
-        while step < steps:
-            rng = np.random.default_rng([seed, 5, step])
-            pick = rng.choice(images.num, size=batch_size, replace=images.num < batch_size)
-            t = images.timesteps[pick]
-            batch = {"fg": images.fg[pick], "mask": images.masks[pick], "x": x[pick], "k": k_gt[pick],
-                     "root": roots[t], "viewmat": images.viewmats[pick].astype(np.float32),
-                     "K": images.Ks[pick].astype(np.float32), "index": np.arange(batch_size, dtype=np.int32)}
-            state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), model_rep)
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if m["overflow"] > 0:
-                capacity = int(capacity * 1.5) + 256
-                _log(f"step {step}: intersections overflowed; update rejected, capacity raised to {capacity}")
-                step_fn = make_train_step(net, rc, optimizer, mesh, images.width, images.height, capacity, seed,
-                                          backend)
-            step = int(state["step"])
-            bar.update(1)
-            if step % max(int(rc.log_every), 1) == 0 or step == steps:
-                records.append({"step": step, **m})
-                bar.set_postfix(loss=f"{m['loss']:.4f}", psnr=f"{m['psnr']:.2f}", refresh=False)
-            if step % ckpt.save_every == 0 or step == steps:
-                ckpt.save(step, state, force=True)
-        ckpt.wait()
-    finally:
-        bar.close()
-        ckpt.close()
-    params = jax.device_get(state["params"])
+    step = functools.partial(compiled_train_step, loop.SectionKey(rc), net, mesh, images.width, images.height,
+                             seed=seed, backend=ctx.backend)
+    state = loop.train(
+        STAGE, out, loop.LoopSettings.from_config(rc), mesh, init=init,
+        build_step=lambda capacity: step(capacity=capacity),
+        capacity=lambda _: frame_capacity(model, k_gt[probe], roots[images.timesteps[probe]], images.viewmats[probe],
+                                          images.Ks[probe], images.width, images.height, headroom=2.0),
+        batch=batch, replicated=(parallel.replicate(model, mesh),), section=rc)
     if jax.process_index() == 0:
-        save_regressor(out / REGRESSOR_FILE, pca, net, params,
+        save_regressor(out / REGRESSOR_FILE, pca, net, jax.device_get(state["params"]),
                        {"features": extractor.name, "crop_size": int(rc.crop_size), "crop_margin": float(rc.crop_margin)})
-        write_json(out / "metrics.json", {"stage": STAGE, "records": records})
-    _log(f"trained to step {step} in {time.time() - start_time:.1f}s; wrote {out / REGRESSOR_FILE}")
-    return evaluate_reenactment(config, workdir, extractor, out)
+    barrier("regress: regressor written")  # every process reads it back below
+    loop.log(STAGE, f"wrote {out / REGRESSOR_FILE} ({time.time() - start_time:.1f}s)")
+    return evaluate_reenactment(ctx, rc, extractor, out)
 
 
-def evaluate_reenactment(config, workdir: Path, extractor, out: Path) -> dict:
+def evaluate_reenactment(ctx, rc, extractor, out) -> dict:
     """Self and cross-identity reenactment against ground truth (module docstring)."""
-    from gem_jax.data.prepare import subject_dir
-    from gem_jax.data.subject import load_subject
-
-    rc = config.regress
-    background = tuple(float(x) for x in config.data.background)
-    pca, net, params, _ = load_regressor(out / REGRESSOR_FILE)
-    model, roots = load_model(workdir), load_roots(workdir)
-    subject = load_subject(subject_dir(config, workdir))
-    head_model = subject.head_model(config.data.head_model or None, int(config.data.n_shape), int(config.data.n_expr))
-    lpips_fn = None
-    if bool(rc.eval.lpips):
-        from gem_jax.perceptual import LPIPS
-
-        lpips_fn = LPIPS("vgg16")
-    common = dict(lpips_fn=lpips_fn, renders=out / "renders", num_renders=int(rc.eval.num_renders),
-                  backend=str(config.render.backend), tag="regress")
-    result: dict = {"background": background, "features": extractor.name}
-    max_images = int(rc.eval.max_images) or None
-    if not subject.frames("test"):
-        _log("no held-out sequence (test split): nothing to evaluate")
+    regressor = TrainedRegressor.load(out / REGRESSOR_FILE)
+    model, roots = load_model(ctx.workdir), load_roots(ctx.workdir)
+    protocol = Protocol.from_context(ctx)
+    result: dict = {"background": list(ctx.background), "features": extractor.name}
+    if not ctx.subject.frames("test"):
+        loop.log(STAGE, "no held-out sequence (test split): nothing to evaluate")
         return result
-    own = _Data(subject, head_model, "test", extractor, rc, background, max_images)
+    own = _Data(ctx.subject, ctx.head_model, "test", extractor, rc, ctx.background, protocol.max_images)
     gt = own.evaluated
-    k = predict(net, params, pca, own.relative[own.eval_rows])
-    result["self_reenactment"] = evaluate_images(model, k, roots[gt.timesteps], gt, background,
-                                                 name="self_reenactment", **common)
-    cross_dir = Path(workdir) / "data_cross"
-    if not config.data.subject_dir and cross_dir.is_dir():
-        cross_subject = load_subject(cross_dir)
-        cross = _Data(cross_subject, head_model, "test", extractor, rc, background, neutral_t=own.neutral_t, like=gt)
-        k_cross = predict(net, params, pca, cross.relative[cross.eval_rows])
+
+    def evaluate(k, name):
+        render = gem_renderer(model, k, roots[gt.timesteps], gt, ctx.background, ctx.backend)
+        return protocol.evaluate(render, gt, name=name, tag=STAGE, renders=out / "renders")
+
+    result["self_reenactment"] = evaluate(regressor.predict(own.relative[own.eval_rows]), "self_reenactment")
+    if ctx.cross_subject_dir is not None:
+        cross = _Data(load_subject(ctx.cross_subject_dir), ctx.head_model, "test", extractor, rc, ctx.background,
+                      neutral_t=own.neutral_t, like=gt)
         # Identity B's images drive A's avatar; the ground truth is A performing the same frames.
-        result["cross_identity"] = evaluate_images(model, k_cross, roots[gt.timesteps], gt, background,
-                                                   name="cross_identity", **common)
+        result["cross_identity"] = evaluate(regressor.predict(cross.relative[cross.eval_rows]), "cross_identity")
     for stage in ("refine", "pca"):
-        path = Path(workdir) / stage / "eval.json"
+        path = ctx.stage_dir(stage) / "eval.json"
         if path.is_file():
-            bound = json.loads(path.read_text()).get("held_out_sequence")
+            bound = read_json(path, stage).get("held_out_sequence")
             if bound:
                 result["fitted_upper_bound"] = {"stage": stage, **bound}
                 break

@@ -1,4 +1,4 @@
-"""The ``collect`` stage: the trained teacher on every training timestep, written to disk (DESIGN §1, §6).
+"""The ``collect`` stage: the trained teacher on every training timestep, written to disk (docs/architecture.md §1, §6).
 
     python -m gem_jax.train --config configs/quickstart.py --workdir runs/q --stage collect
 
@@ -30,35 +30,60 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 from gem_jax.atomic import write_npy
+from gem_jax.batching import padded_chunks
 from gem_jax.eigen.pca import CHANNELS, MODALITIES, write_collect
 from gem_jax.eigen.workdir import ROOTS_FILE
+from gem_jax.loop import log
 from gem_jax.teacher.data import tracked_meshes
-from gem_jax.teacher.model import ForwardSpec, _canonical_jit, load_trained_teacher, make_net
+from gem_jax.teacher.maps import root_free_mesh
+from gem_jax.teacher.model import ForwardSpec, TeacherConstants, build_constants, canonical_gaussians_fn, make_net
+from gem_jax.teacher.train import restore_params
+from gem_jax.types import Gaussians
 
-__all__ = ["ROOTS_FILE", "collect_gaussians", "run"]
+__all__ = ["ROOTS_FILE", "TrainedTeacher", "collect_gaussians", "load_trained_teacher", "run"]
 
 STAGE = "collect"
 
 
-def _log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(f"[collect] {message}", flush=True)
+class TrainedTeacher:
+    """A restored teacher and its subject (see :func:`load_trained_teacher`)."""
+
+    def __init__(self, params: dict, constants: TeacherConstants, tconfig, ctx):
+        self.params, self.constants, self.tconfig = params, constants, tconfig
+        self.subject, self.head_model = ctx.subject, ctx.head_model
+        self._mesh = jax.jit(lambda p: root_free_mesh(self.head_model, p))
+        self.canonical = canonical_gaussians_fn(make_net(tconfig), ForwardSpec.from_config(tconfig))
+
+    def root_free_mesh(self, timestep: int) -> tuple[Float[Array, "V 3"], Float[Array, "4 4"]]:
+        """The tracked mesh of ``timestep`` in the head's frame, and the world ← head transform."""
+        return self._mesh(jax.tree.map(jnp.asarray, self.subject.flame_params(int(timestep))))
+
+    def gaussians(self, timestep: int) -> Gaussians:
+        """The activated Gaussians ``(N,)`` of one timestep in the head's frame (root pose removed)."""
+        g = self.canonical(self.params, self.constants, self.root_free_mesh(timestep)[0][None])
+        return jax.tree.map(lambda x: x[0], g)
 
 
-def collect_gaussians(teacher, config, timesteps, out: Path, batch_size: int = 8) -> dict[str, np.ndarray]:
+def load_trained_teacher(ctx, tconfig) -> TrainedTeacher:
+    """The teacher trained by the ``teacher`` stage of the run ``ctx`` (latest checkpoint)."""
+    consts = build_constants(ctx.head_model, ctx.subject.canonical_params(), tconfig)
+    params = restore_params(tconfig, ctx.stage_dir("teacher"), int(ctx.seed))
+    return TrainedTeacher(params, consts, tconfig, ctx)
+
+
+def collect_gaussians(teacher: TrainedTeacher, timesteps, out: Path, batch_size: int = 8) -> dict[str, np.ndarray]:
     """Run the teacher on ``timesteps`` and write the modality matrices into ``out``.
 
     Returns the (memory-mapped) matrices. Files are ``.<name>.npy.tmp`` until complete.
     """
     from tqdm import tqdm
 
-    tc = config.teacher
-    net, spec = make_net(tc), ForwardSpec.from_config(tc)
     consts = teacher.constants
     num = int(consts.canonical.num)
-    timesteps = [int(t) for t in timesteps]
+    timesteps = np.asarray([int(t) for t in timesteps])
     meshes = tracked_meshes(teacher.subject, teacher.head_model, timesteps)
     out.mkdir(parents=True, exist_ok=True)
     tmp = {m: out / f".{m}.npy.tmp" for m in MODALITIES}
@@ -66,20 +91,17 @@ def collect_gaussians(teacher, config, timesteps, out: Path, batch_size: int = 8
                                          shape=(len(timesteps), num * CHANNELS[m])) for m in MODALITIES}
     q_ref = None
     colors = None
-    batch_size = max(int(batch_size), 1)
-    for start in tqdm(range(0, len(timesteps), batch_size), desc="collect", unit="batch", file=sys.stderr,
-                      disable=jax.process_index() != 0, mininterval=5.0):
-        ts = timesteps[start:start + batch_size]
-        padded = ts + [ts[-1]] * (batch_size - len(ts))  # one compiled shape
-        g = _canonical_jit(net, spec, teacher.params, consts, jnp.asarray(meshes.vertices[padded]))
-        g = jax.device_get(g)
+    chunks = list(padded_chunks(len(timesteps), batch_size))
+    for rows, padded in tqdm(chunks, desc="collect", unit="batch", file=sys.stderr,
+                             disable=jax.process_index() != 0, mininterval=5.0):
+        ts = timesteps[rows].tolist()
+        g = jax.device_get(teacher.canonical(teacher.params, consts, jnp.asarray(meshes.vertices[timesteps[padded]])))
         quats = np.asarray(g.quats[: len(ts)])
         if q_ref is None:
             q_ref = quats[0].copy()
             colors = np.asarray(g.colors[0], np.float32)
         flip = np.sum(quats * q_ref, axis=-1, keepdims=True) < 0
         quats = np.where(flip, -quats, quats)
-        rows = slice(start, start + len(ts))
         values = {"position": g.means[: len(ts)], "rotation": quats, "scale": g.scales[: len(ts)],
                   "opacity": g.opacities[: len(ts), :, None]}
         for m in MODALITIES:
@@ -92,12 +114,14 @@ def collect_gaussians(teacher, config, timesteps, out: Path, batch_size: int = 8
     return {"colors": colors, **{m: mats[m] for m in MODALITIES}}
 
 
-def run(config, workdir: str | os.PathLike, force: bool = False) -> Path:
-    """Collect the teacher's Gaussians of every training timestep into ``<workdir>/collect``."""
-    workdir = Path(workdir)
-    out = workdir / STAGE
+def run(ctx, cconfig, tconfig) -> Path:
+    """Collect the teacher's Gaussians of every training timestep into ``<workdir>/collect``.
+
+    ``cconfig`` is ``config.collect``; ``tconfig`` the teacher's section, which describes the
+    network the checkpoint holds."""
+    out = ctx.stage_dir(STAGE)
     start = time.time()
-    teacher = load_trained_teacher(config, workdir)
+    teacher = load_trained_teacher(ctx, tconfig)
     subject = teacher.subject
     timesteps = sorted(set(subject.timesteps("train")))
     if len(timesteps) < 2:
@@ -106,10 +130,10 @@ def run(config, workdir: str | os.PathLike, force: bool = False) -> Path:
     texels = np.asarray(teacher.constants.canonical.texels)
     if not np.array_equal(texels, np.flatnonzero(valid.reshape(-1))):
         raise AssertionError("collect: the teacher's Gaussians are not the valid texels in row-major order")
-    _log(f"{len(timesteps)} training timesteps × {texels.size} Gaussians ({valid.shape[0]}² UV)")
+    log(STAGE, f"{len(timesteps)} training timesteps × {texels.size} Gaussians ({valid.shape[0]}² UV)")
     if jax.process_index() != 0:  # every process computes; only the first writes
         return out
-    mats = collect_gaussians(teacher, config, timesteps, out, int(config.collect.batch_size))
+    mats = collect_gaussians(teacher, timesteps, out, int(cconfig.batch_size))
     # Validate and rename: write_collect checks shapes; the big matrices are renamed, not copied.
     for m in MODALITIES:
         del mats[m]
@@ -121,5 +145,5 @@ def run(config, workdir: str | os.PathLike, force: bool = False) -> Path:
     roots = tracked_meshes(subject, teacher.head_model, all_t).roots.astype(np.float32)
     write_npy(out / ROOTS_FILE, roots)
     size = sum((out / f"{m}.npy").stat().st_size for m in MODALITIES) / 1e6
-    _log(f"wrote {out} ({size:.1f} MB of data matrices) in {time.time() - start:.1f}s")
+    log(STAGE, f"wrote {out} ({size:.1f} MB of data matrices) in {time.time() - start:.1f}s")
     return out

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gem_jax.batching import padded_chunks, sample_rows
 from gem_jax.data.images import ImageSet, load_images  # noqa: F401 (re-exported)
 from gem_jax.head.flame import HeadModel
 from gem_jax.head.meshraster import project_vertices, rasterize_triangles
@@ -55,10 +56,9 @@ def tracked_meshes(subject, model: HeadModel, timesteps, chunk: int = 64) -> Mes
     fn = jax.jit(jax.vmap(lambda p: maps.root_free_mesh(model, p)))
     verts = np.zeros((timesteps[-1] + 1, model.num_vertices, 3), np.float32)
     roots = np.tile(np.eye(4, dtype=np.float32), (timesteps[-1] + 1, 1, 1))
-    for start in range(0, len(timesteps), chunk):
-        ts = timesteps[start:start + chunk]
-        ts_padded = ts + [ts[-1]] * (chunk - len(ts))  # one compiled shape
-        params = [subject.flame_params(t) for t in ts_padded]
+    for rows, padded in padded_chunks(len(timesteps), chunk):
+        ts = [timesteps[i] for i in rows]
+        params = [subject.flame_params(timesteps[i]) for i in padded]
         if any(p.static_offset is None for p in params) and any(p.static_offset is not None for p in params):
             raise ValueError("tracked_meshes: some flame_param files have static_offset and some do not")
         batched = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *params)
@@ -85,9 +85,12 @@ def mouth_masks(images: ImageSet, meshes: Meshes, model: HeadModel, cache: Path 
                           images.viewmats.reshape(-1), images.Ks.reshape(-1),
                           [images.height, images.width, int(model.mouth_faces.sum())]])
     if cache is not None and cache.is_file():
-        with np.load(cache) as data:
-            if data["key"].shape == key.shape and np.allclose(data["key"], key):
-                return data["masks"]
+        try:
+            with np.load(cache, allow_pickle=False) as data:
+                if data["key"].shape == key.shape and np.allclose(data["key"], key):
+                    return data["masks"]
+        except Exception as err:  # a damaged cache is rebuilt, not trusted
+            print(f"[teacher] {cache}: unreadable mask cache ({type(err).__name__}), rebuilding it")
     faces, mouth = np.asarray(model.faces), np.asarray(model.mouth_faces, bool)
     out = np.zeros((images.num, images.height, images.width), np.uint8)
 
@@ -112,8 +115,7 @@ def sample_batch(images: ImageSet, meshes: Meshes, step: int, batch_size: int, s
     ``root`` (B,4,4), ``viewmat`` (B,4,4), ``K`` (B,3,3), ``index`` (B,) int32 (the position in
     the global batch: per-example randomness is ``fold_in(step_key, index)``).
     """
-    rng = np.random.default_rng([int(seed), int(step)])
-    pick = rng.choice(images.num, size=batch_size, replace=images.num < batch_size)
+    pick = sample_rows(images.num, batch_size, (seed, step))
     t = images.timesteps[pick]
     mouth = images.mouth[pick] if images.mouth is not None else np.zeros_like(images.masks[pick])
     return {

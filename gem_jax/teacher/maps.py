@@ -40,7 +40,6 @@ from jaxtyping import Array, Float, Int
 
 from gem_jax.head.flame import joint_transforms, lbs
 from gem_jax.head.uv import UVRaster, position_map, tbn_frames
-from gem_jax.render.project import quat_to_rotmat
 from gem_jax.rigid import quat_multiply, rigid_transform, rotmat_to_quat  # noqa: F401 (re-exported)
 from gem_jax.types import Gaussians
 
@@ -273,11 +272,6 @@ def deform(gaussians: Gaussians, canonical: Canonical, tracked: SurfaceFrames) -
     means = jnp.einsum("nij,nj->ni", rel, gaussians.means - canonical.positions) + tracked.positions
     quats = quat_multiply(rotmat_to_quat(rel), gaussians.quats)
     return gaussians.replace(means=means, quats=quats)
-
-
-def rotation_matrices(gaussians: Gaussians) -> Float[Array, "N 3 3"]:
-    """Rotation matrices of the Gaussians' quaternions."""
-    return quat_to_rotmat(gaussians.quats)
 
 
 def root_free_mesh(model, params) -> tuple[Float[Array, "V 3"], Float[Array, "4 4"]]:

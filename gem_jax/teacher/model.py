@@ -1,8 +1,8 @@
-"""The teacher avatar as pure functions: constants, forward pass, and the ``collect`` API.
+"""The teacher avatar as pure functions: constants, forward pass, canonical Gaussians (docs/architecture.md §5).
 
     consts = build_constants(head_model, canonical_params, config.teacher)   # once per subject
-    net = make_net(config.teacher, consts)
-    params = net.init(...)                                                    # see init_params
+    net = make_net(config.teacher)
+    params = init_params(net, config.teacher, key)
     gaussians, delta = forward(net, params, consts, vertices, style, ForwardSpec.from_config(config.teacher))
     world = jax.vmap(rigid_transform)(gaussians, roots)                       # head pose, last
 
@@ -12,25 +12,23 @@ the pose maps of that mesh (:func:`pose_maps`: normal map and/or the displacemen
 position map from the canonical one, scaled by ``1/position_input_scale``); the colour branch
 sees the canonical position map only (normalised to the head's bounding box).
 
-For the ``collect`` stage (DESIGN §1, §6) — the teacher run on every training timestep:
+What the ``collect`` stage distils (docs/architecture.md §1, §6) — the teacher at the test-time
+style ``z = 0`` (:func:`canonical_gaussians_fn`):
 
-    teacher = load_trained_teacher(config, workdir)          # subject, constants, restored params
-    out = teacher_gaussians_canonical(teacher.params, config, teacher.inputs_for_timestep(t))
-    out["position"] (N,3), out["rotation"] (N,4) wxyz, out["scale"] (N,3), out["opacity"] (N,),
-    out["colors"] (N,3)
+    g = canonical_gaussians_fn(net, spec)(params, consts, vertices)    # vertices (B, V, 3)
+    g.means (B,N,3), g.quats (B,N,4) wxyz, g.scales (B,N,3), g.opacities (B,N), g.colors (B,N,3)
 
-``N`` is the number of valid UV texels (``teacher.constants.canonical.texels`` gives their flat
-indices in the ``R×R`` map). The values are *activated* Gaussians in the head's own frame:
-expression, jaw, neck and eyes applied through the per-texel TBN deformation of the tracked
-mesh, **root pose removed** (world = ``rigid_transform(·, root)``), with the fixed test-time
-style ``z = 0``. Colour is static (it depends on the canonical mesh only).
+``N`` is the number of valid UV texels (``consts.canonical.texels`` gives their flat indices in
+the ``R×R`` map). The values are *activated* Gaussians in the head's own frame: expression,
+jaw, neck and eyes applied through the per-texel TBN deformation of the tracked mesh, **root
+pose removed** (world = ``rigid_transform(·, root)``). Colour is static (it depends on the
+canonical mesh only).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 
 import flax.struct
 import jax
@@ -39,13 +37,13 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from gem_jax.head.flame import FlameParams, HeadModel
-from gem_jax.head.uv import UVRaster, normal_map, position_map, rasterize_uv
+from gem_jax.head.uv import UVRaster, degenerate_faces, drop_faces, normal_map, position_map, rasterize_uv
 from gem_jax.teacher import maps
 from gem_jax.teacher.unet import TeacherNet
 from gem_jax.types import Gaussians
 
-__all__ = ["ForwardSpec", "TeacherConstants", "TeacherInputs", "TrainedTeacher", "build_constants", "forward",
-           "init_params", "load_trained_teacher", "make_net", "pose_maps", "teacher_gaussians_canonical", "world_gaussians_fn"]
+__all__ = ["ForwardSpec", "TeacherConstants", "build_constants", "canonical_gaussians_fn", "forward", "init_params",
+           "make_net", "pose_maps", "world_gaussians_fn"]
 
 POSE_INPUTS = ("normal", "position")
 
@@ -86,14 +84,6 @@ class ForwardSpec:
         return 3 * len(self.inputs)
 
 
-@flax.struct.dataclass
-class TeacherInputs:
-    """What the teacher needs for one timestep: the constants and the root-free tracked mesh."""
-
-    constants: TeacherConstants
-    vertices: Float[Array, "V 3"]
-
-
 def build_constants(model: HeadModel, canonical_params: FlameParams, tconfig) -> TeacherConstants:
     """UV raster, canonical Gaussians and input maps of a subject (NumPy/eager; once)."""
     if model.vt is None or model.ft is None:
@@ -102,11 +92,12 @@ def build_constants(model: HeadModel, canonical_params: FlameParams, tconfig) ->
     levels = len(tconfig.unet.channels)
     if res % (1 << (levels - 1)) or res % (1 << (len(tconfig.unet.color_channels) - 1)):
         raise ValueError(f"teacher.uv_resolution={res} must be divisible by 2^(levels-1) of teacher.unet.channels")
-    uv = rasterize_uv(model.vt, model.ft, res)
     params = jax.tree.map(jnp.asarray, canonical_params)
     verts, _ = jax.jit(lambda p: maps.root_free_mesh(model, p))(params)  # the model is closed over: its
     # static fields (faces, UVs) are arrays, which jit cannot hash
     verts = np.asarray(verts)
+    # Texels on faces without area on the canonical mesh have no frame (gem_jax.head.uv).
+    uv = drop_faces(rasterize_uv(model.vt, model.ft, res), degenerate_faces(verts, model.faces))
     canonical = maps.canonical_gaussians(verts, model.faces, model.vt, model.ft, uv,
                                          float(tconfig.scale_factor), float(tconfig.normal_ratio))
     pmap = np.asarray(jax.jit(lambda v: position_map(v, model.faces, uv))(jnp.asarray(verts)))
@@ -168,24 +159,17 @@ def forward(net: TeacherNet, params: dict, consts: TeacherConstants, vertices: F
     return jax.vmap(one)(raw, vertices)
 
 
-def teacher_gaussians_canonical(params: dict, config, inputs: TeacherInputs) -> dict[str, Array]:
-    """Activated Gaussians of one timestep in the head's frame, root pose removed (module docstring).
+@functools.lru_cache(maxsize=8)
+def canonical_gaussians_fn(net: TeacherNet, spec: ForwardSpec):
+    """Jitted ``(params, consts, vertices (B,V,3)) -> Gaussians (B,N)`` in the head's frame at the
+    test-time style ``z = 0`` (memoised: one compilation per network and spec)."""
 
-    ``config`` is the full config or its ``teacher`` section. Returns ``{"position" (N,3),
-    "rotation" (N,4) wxyz, "scale" (N,3), "opacity" (N,), "colors" (N,3)}``.
-    """
-    tconfig = config.teacher if hasattr(config, "teacher") else config
-    g = _canonical_jit(make_net(tconfig), ForwardSpec.from_config(tconfig), params, inputs.constants,
-                       jnp.asarray(inputs.vertices)[None])
-    return {"position": g.means[0], "rotation": g.quats[0], "scale": g.scales[0], "opacity": g.opacities[0],
-            "colors": g.colors[0]}
+    @jax.jit
+    def fn(params, consts, vertices):
+        style = jnp.zeros((vertices.shape[0], spec.style_dim), vertices.dtype)
+        return forward(net, params, consts, vertices, style, spec)[0]
 
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _canonical_jit(net: TeacherNet, spec: ForwardSpec, params, consts, vertices):
-    """Test-time forward (style z = 0), compiled once per (network, spec) and input shapes."""
-    style = jnp.zeros((vertices.shape[0], spec.style_dim), vertices.dtype)
-    return forward(net, params, consts, vertices, style, spec)[0]
+    return fn
 
 
 @functools.lru_cache(maxsize=8)
@@ -200,34 +184,3 @@ def world_gaussians_fn(net: TeacherNet, spec: ForwardSpec):
         return jax.vmap(maps.rigid_transform)(g, roots)
 
     return fn
-
-
-class TrainedTeacher:
-    """A restored teacher and its subject (see :func:`load_trained_teacher`)."""
-
-    def __init__(self, params: dict, constants: TeacherConstants, head_model: HeadModel, subject):
-        self.params, self.constants, self.head_model, self.subject = params, constants, head_model, subject
-        self._mesh = jax.jit(lambda p: maps.root_free_mesh(head_model, p))
-
-    def _root_free(self, timestep: int):
-        return self._mesh(jax.tree.map(jnp.asarray, self.subject.flame_params(int(timestep))))
-
-    def inputs_for_timestep(self, timestep: int) -> TeacherInputs:
-        """The root-free tracked mesh of ``timestep`` with the constants."""
-        return TeacherInputs(constants=self.constants, vertices=self._root_free(timestep)[0])
-
-    def root_transform(self, timestep: int) -> Float[Array, "4 4"]:
-        """World ← head-frame transform of ``timestep`` (apply with :func:`maps.rigid_transform`)."""
-        return self._root_free(timestep)[1]
-
-
-def load_trained_teacher(config, workdir: str | Path) -> TrainedTeacher:
-    """The teacher trained by the ``teacher`` stage in ``workdir`` (latest checkpoint)."""
-    from gem_jax.data.subject import load_subject
-    from gem_jax.teacher.train import restore_params, subject_dir
-
-    subject = load_subject(subject_dir(config, Path(workdir)))
-    model = subject.head_model(config.data.head_model or None, int(config.data.n_shape), int(config.data.n_expr))
-    consts = build_constants(model, subject.canonical_params(), config.teacher)
-    params = restore_params(config, Path(workdir), consts)
-    return TrainedTeacher(params=params, constants=consts, head_model=model, subject=subject)
