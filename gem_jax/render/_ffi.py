@@ -40,12 +40,15 @@ __all__ = [
 ]
 
 TILE_SIZE = 16
-_ABI_VERSION = 1  # must equal gem_blend_abi_version() in kernels/blend_cpu.cc
+_ABI_VERSION = 2  # must equal gem_blend_abi_version() in kernels/blend_cpu.cc
 _PLATFORMS = {"cpu": "cpu", "cuda": "CUDA"}
 _HANDLERS = {  # backend -> {FFI target name: exported C symbol}
     "cpu": {
         "gem_blend_forward_cpu": "GemBlendForwardCpu",
         "gem_blend_backward_cpu": "GemBlendBackwardCpu",
+        "gem_frame_count_cpu": "GemFrameCountCpu",
+        "gem_frame_forward_cpu": "GemFrameForwardCpu",
+        "gem_frame_backward_cpu": "GemFrameBackwardCpu",
     },
     "cuda": {
         "gem_blend_forward_cuda": "GemBlendForwardCuda",
