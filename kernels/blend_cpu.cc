@@ -1,8 +1,8 @@
-// CPU blending kernel of the tile rasterizer: the per-tile loops (DESIGN §9).
+// CPU blending kernel of the tile rasterizer: the per-tile loops (docs/architecture.md §9).
 //
-// Inputs are the tile lists of gem_jax/render/tiles.py: `gaussian_ids` (M,) sorted by
+// Inputs are the per-Gaussian records written by the projection (make_record) and the tile
+// lists of frame_cpu.cc (those of gem_jax/render/tiles.py): `gaussian_ids` (M,) sorted by
 // (tile, depth) and `tile_ranges` (T, 2) = [start, end) per tile, tile id = ty * tiles_x + tx.
-// Any leading batch dimensions (from `vmap`, vmap_method="broadcast_all") are looped over.
 //
 // Layout of the work, chosen so the compiler vectorises it:
 //  * one work item = one 16x16 tile; items are handed out dynamically (an atomic counter) to
@@ -50,44 +50,35 @@ struct Batch {
   alignas(64) float bound[kBatch], det[kBatch];  // visible_sigma_bound(o), ac - b^2
 };
 
-// Loads intersections [k0, k0 + count). Entries past `count` or with an id outside [0, N)
-// get opacity 0, hence an empty box. The box: for a positive definite conic the minimum of
-// sigma over y at offset dx is 0.5 dx^2 det / c (over x at dy: 0.5 dy^2 det / a), so beyond
-// |dx| = sqrt(2 c bound / det) nothing passes; widened (0.2%, 0.01 px) against rounding.
-// A conic that is not positive definite gets an unbounded box; NaNs give a box that misses.
+// Loads intersections [k0, k0 + count) from their records. Entries past `count` or with an
+// id outside [0, N) get opacity 0 and an empty box.
 inline void load_batch(const Scene& s, int64_t k0, int count, Batch* B) {
   for (int i = 0; i < kBatch; ++i) {
     const int32_t id = i < count ? s.ids[k0 + i] : -1;
     if (id >= 0 && id < s.n) {
-      B->mx[i] = s.means2d[2 * id];
-      B->my[i] = s.means2d[2 * id + 1];
-      B->a[i] = s.conics[3 * id];
-      B->b[i] = s.conics[3 * id + 1];
-      B->c[i] = s.conics[3 * id + 2];
-      B->o[i] = s.opacities[id];
-      B->cr[i] = s.colors[3 * id];
-      B->cg[i] = s.colors[3 * id + 1];
-      B->cb[i] = s.colors[3 * id + 2];
-      B->z[i] = s.depths[id];
+      const float* rec = s.records + kRecordWidth * static_cast<int64_t>(id);
+      B->mx[i] = rec[kRecMeanX];
+      B->my[i] = rec[kRecMeanY];
+      B->a[i] = rec[kRecConicA];
+      B->b[i] = rec[kRecConicB];
+      B->c[i] = rec[kRecConicC];
+      B->o[i] = rec[kRecOpacity];
+      B->cr[i] = rec[kRecColorR];
+      B->cg[i] = rec[kRecColorG];
+      B->cb[i] = rec[kRecColorB];
+      B->z[i] = rec[kRecDepth];
+      B->xlo[i] = rec[kRecXlo];
+      B->xhi[i] = rec[kRecXhi];
+      B->ylo[i] = rec[kRecYlo];
+      B->yhi[i] = rec[kRecYhi];
+      B->bound[i] = rec[kRecBound];
+      B->det[i] = rec[kRecDet];
     } else {
       B->mx[i] = B->my[i] = B->a[i] = B->b[i] = B->c[i] = B->o[i] = 0.0f;
-      B->cr[i] = B->cg[i] = B->cb[i] = B->z[i] = 0.0f;
+      B->cr[i] = B->cg[i] = B->cb[i] = B->z[i] = B->bound[i] = B->det[i] = 0.0f;
+      B->xlo[i] = B->ylo[i] = kHuge;
+      B->xhi[i] = B->yhi[i] = -kHuge;
     }
-  }
-  for (int i = 0; i < kBatch; ++i) {
-    const float bound = visible_sigma_bound(B->o[i]);
-    const float det = B->a[i] * B->c[i] - B->b[i] * B->b[i];
-    const bool bounded = (B->a[i] > 0.0f) & (det > 0.0f);
-    const float scale = 2.0f * bound / det;
-    const float ex = std::sqrt(std::fabs(scale * B->c[i])) * 1.002f + 0.01f;
-    const float ey = std::sqrt(std::fabs(scale * B->a[i])) * 1.002f + 0.01f;
-    const bool visible = bound >= 0.0f;
-    B->bound[i] = bound;
-    B->det[i] = det;
-    B->xlo[i] = visible ? (bounded ? B->mx[i] - ex : -kHuge) : kHuge;
-    B->xhi[i] = visible ? (bounded ? B->mx[i] + ex : kHuge) : -kHuge;
-    B->ylo[i] = visible ? (bounded ? B->my[i] - ey : -kHuge) : kHuge;
-    B->yhi[i] = visible ? (bounded ? B->my[i] + ey : kHuge) : -kHuge;
   }
 }
 
@@ -197,6 +188,38 @@ inline void row_lanes(uint32_t left, uint32_t right, int r, int* l0, int* width)
 
 }  // namespace
 
+// The box: for a positive definite conic the minimum of sigma over y at offset dx is
+// 0.5 dx^2 det / c (over x at dy: 0.5 dy^2 det / a), so beyond |dx| = sqrt(2 c bound / det)
+// nothing passes; widened (0.2%, 0.01 px) against rounding. A conic that is not positive
+// definite gets an unbounded box; NaNs give a box that misses.
+void make_record(const float* mean2d, const float* conic, const float* color, float opacity,
+                 float depth, float* rec) {
+  const float mx = mean2d[0], my = mean2d[1], a = conic[0], b = conic[1], c = conic[2];
+  const float bound = visible_sigma_bound(opacity);
+  const float det = a * c - b * b;
+  const bool bounded = (a > 0.0f) & (det > 0.0f);
+  const float scale = 2.0f * bound / det;
+  const float ex = std::sqrt(std::fabs(scale * c)) * 1.002f + 0.01f;
+  const float ey = std::sqrt(std::fabs(scale * a)) * 1.002f + 0.01f;
+  const bool visible = bound >= 0.0f;
+  rec[kRecMeanX] = mx;
+  rec[kRecMeanY] = my;
+  rec[kRecConicA] = a;
+  rec[kRecConicB] = b;
+  rec[kRecConicC] = c;
+  rec[kRecOpacity] = opacity;
+  rec[kRecColorR] = color[0];
+  rec[kRecColorG] = color[1];
+  rec[kRecColorB] = color[2];
+  rec[kRecDepth] = depth;
+  rec[kRecXlo] = visible ? (bounded ? mx - ex : -kHuge) : kHuge;
+  rec[kRecXhi] = visible ? (bounded ? mx + ex : kHuge) : -kHuge;
+  rec[kRecYlo] = visible ? (bounded ? my - ey : -kHuge) : kHuge;
+  rec[kRecYhi] = visible ? (bounded ? my + ey : kHuge) : -kHuge;
+  rec[kRecBound] = bound;
+  rec[kRecDet] = det;
+}
+
 GEM_CLONES void forward_tile(const Scene& s, int64_t tile, const ForwardOut& out) {
   const int x0 = static_cast<int>(tile % s.tiles_x) * kTileSize;
   const int y0 = static_cast<int>(tile / s.tiles_x) * kTileSize;
@@ -242,18 +265,20 @@ GEM_CLONES void forward_tile(const Scene& s, int64_t tile, const ForwardOut& out
       if (!any) live_rows &= ~(1u << r);
     }
   }
-  const float* bg = s.background;
-  for (int r = 0; r < kTileSize && y0 + r < s.height; ++r) {
-    for (int l = 0; l < kTileSize && x0 + l < s.width; ++l) {
-      const int p = r * kTileSize + l;
-      const int64_t q = static_cast<int64_t>(y0 + r) * s.width + (x0 + l);
-      out.image[3 * q] = st.C0[p] + st.T[p] * bg[0];
-      out.image[3 * q + 1] = st.C1[p] + st.T[p] * bg[1];
-      out.image[3 * q + 2] = st.C2[p] + st.T[p] * bg[2];
-      out.alpha[q] = 1.0f - st.T[p];
-      out.depth[q] = st.D[p];
-      out.transmittance[q] = st.T[p];
-      out.last[q] = st.last[p];
+  const float bg0 = s.background[0], bg1 = s.background[1], bg2 = s.background[2];
+  const int rows = std::min(kTileSize, s.height - y0), cols = std::min(kTileSize, s.width - x0);
+  for (int r = 0; r < rows; ++r) {  // interior tiles: whole rows, vectorised
+    const int p = r * kTileSize;
+    const int64_t q = static_cast<int64_t>(y0 + r) * s.width + x0;
+    const int width = cols == kTileSize ? kTileSize : cols;
+    for (int l = 0; l < width; ++l) {
+      out.image[3 * (q + l)] = st.C0[p + l] + st.T[p + l] * bg0;
+      out.image[3 * (q + l) + 1] = st.C1[p + l] + st.T[p + l] * bg1;
+      out.image[3 * (q + l) + 2] = st.C2[p + l] + st.T[p + l] * bg2;
+      out.alpha[q + l] = 1.0f - st.T[p + l];
+      out.depth[q + l] = st.D[p + l];
+      out.transmittance[q + l] = st.T[p + l];
+      out.last[q + l] = st.last[p + l];
     }
   }
 }

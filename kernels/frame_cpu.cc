@@ -60,7 +60,8 @@ const int32_t* depth_order(const Projection& p, int64_t n, const SortScratch& s,
   int64_t count = 0;
   for (int64_t g = 0; g < n; ++g) {
     if (p.tile_counts[g] > 0) {
-      keys[count] = std::bit_cast<uint32_t>(p.depths[g]);  // depth >= 0.01: bits order as values
+      // depth >= 0.01: the bit patterns order as the values
+      keys[count] = std::bit_cast<uint32_t>(p.records[kRecordWidth * g + kRecDepth]);
       ids[count] = static_cast<int32_t>(g);
       ++count;
     }
@@ -96,27 +97,15 @@ void project_range(const FrameIn& in, const CameraParams& cam, int64_t g0, int64
     EwaState st;
     const Splat s = project_one(cam, in.means + 3 * g, in.quats + 4 * g, in.scales + 3 * g,
                                 in.opacities[g], in.colors + 3 * g, &st);
-    out.means2d[2 * g] = s.u;
-    out.means2d[2 * g + 1] = s.v;
-    out.conics[3 * g] = s.a;
-    out.conics[3 * g + 1] = s.b;
-    out.conics[3 * g + 2] = s.c;
-    out.depths[g] = s.depth;
-    out.radii[g] = s.radius;
     const Rect r = tile_rect(s.u, s.v, s.radius, tiles_x, tiles_y);
     out.tile_counts[g] = std::max(r.x1 - r.x0, 0) * std::max(r.y1 - r.y0, 0);
-  }
-}
-
-void count_range(const FrameIn& in, const CameraParams& cam, int64_t g0, int64_t g1,
-                 int32_t* tile_counts) {
-  const int32_t tiles_x = tiles_x_of(in.width), tiles_y = tiles_y_of(in.height);
-  for (int64_t g = g0; g < g1; ++g) {
-    EwaState st;
-    const Splat s = project_one(cam, in.means + 3 * g, in.quats + 4 * g, in.scales + 3 * g,
-                                in.opacities[g], in.colors + 3 * g, &st);
-    const Rect r = tile_rect(s.u, s.v, s.radius, tiles_x, tiles_y);
-    tile_counts[g] = std::max(r.x1 - r.x0, 0) * std::max(r.y1 - r.y0, 0);
+    if (out.records == nullptr) continue;
+    out.radii[g] = s.radius;
+    const bool visible = s.radius > 0;
+    const float mean2d[2] = {s.u, s.v}, conic[3] = {s.a, s.b, s.c};
+    const float black[3] = {0.0f, 0.0f, 0.0f};
+    make_record(mean2d, conic, visible ? in.colors + 3 * g : black,
+                visible ? in.opacities[g] : 0.0f, s.depth, out.records + kRecordWidth * g);
   }
 }
 
@@ -136,7 +125,8 @@ int64_t build_tile_lists(const FrameIn& in, const Projection& p, const SortScrat
       const int64_t count = p.tile_counts[g];
       const int64_t kept = std::min(count, capacity - offset);
       offset += count;
-      const Rect r = tile_rect(p.means2d[2 * g], p.means2d[2 * g + 1], p.radii[g], tiles_x, tiles_y);
+      const float* rec = p.records + kRecordWidth * static_cast<int64_t>(g);
+      const Rect r = tile_rect(rec[kRecMeanX], rec[kRecMeanY], p.radii[g], tiles_x, tiles_y);
       int64_t local = 0;
       for (int32_t ty = r.y0; ty < r.y1 && local < kept; ++ty)
         for (int32_t tx = r.x0; tx < r.x1 && local < kept; ++tx, ++local)

@@ -19,10 +19,11 @@ struct FrameIn {
   int width, height;
 };
 
-// Projected Gaussians (project.py's outputs; zeros when culled) and per-Gaussian tile counts.
+// Projected Gaussians: one record per Gaussian (blend_cpu.h; project.py's means2d, conics
+// and depths, zeros when culled), radii (0 = culled) and tile counts.
 struct Projection {
-  float *means2d, *conics, *depths;  // (N,2), (N,3), (N,)
-  int32_t *radii, *tile_counts;      // (N,), (N,)
+  float* records;                 // (N, kRecordWidth)
+  int32_t *radii, *tile_counts;   // (N,), (N,)
 };
 
 // Scratch of build_tile_lists: four int32 arrays of N (radix-sort keys and ids, ping-pong).
@@ -31,13 +32,10 @@ struct SortScratch {
   int32_t *ids0, *ids1;
 };
 
-// Projects Gaussians [g0, g1) of `in` into `out` (and their tile counts).
+// Projects Gaussians [g0, g1) of `in` into `out` (records, radii and tile counts); with
+// out.records == nullptr only the tile counts are written (for sizing the capacity).
 GEM_INTERNAL void project_range(const FrameIn& in, const CameraParams& cam, int64_t g0, int64_t g1,
                                 const Projection& out);
-
-// Tile counts only (what project_range writes to out.tile_counts), for sizing the capacity.
-GEM_INTERNAL void count_range(const FrameIn& in, const CameraParams& cam, int64_t g0, int64_t g1,
-                              int32_t* tile_counts);
 
 // The tile lists of one camera, exactly those of gem_jax/render/tiles.py: every
 // (tile, Gaussian) pair, per tile in (depth, id) order, in `ids` (capacity entries; padding
@@ -48,7 +46,7 @@ GEM_INTERNAL int64_t build_tile_lists(const FrameIn& in, const Projection& p, co
 
 // Backward of the projection for Gaussians [g0, g1): from the 2D gradients (v_means2d (N,2),
 // v_conics (N,3), v_depths (N,)) to v_means (N,3), v_quats (N,4), v_scales (N,3) (zeros
-// for culled Gaussians); the camera's gradients are added to `cg`.
+// for culled Gaussians, radius 0); the camera's gradients are added to `cg`.
 struct ProjectionGrads {
   const float *v_means2d, *v_conics, *v_depths;
   float *v_means, *v_quats, *v_scales;

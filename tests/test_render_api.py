@@ -103,7 +103,7 @@ def test_float32_rasterize_gradients_reference_equal_dense():
 
 def test_capacity_none_is_exact_on_concrete_inputs():
     g, cam, bg = generic_scene()
-    total = count_intersections(g, cam)
+    total = count_intersections(g, cam, backend="reference")
     assert total > 100
     out = rasterize(g, cam, bg, backend="reference")
     assert int(out.stats["num_intersections"]) == total and int(out.stats["overflow"]) == 0
@@ -121,14 +121,14 @@ def test_round_capacity():
 
 def test_explicit_capacity_overflow_is_an_error_eagerly():
     g, cam, bg = generic_scene()
-    total = count_intersections(g, cam)
+    total = count_intersections(g, cam, backend="reference")
     with pytest.raises(CapacityOverflowError, match=f"{total} tile intersections exceed capacity=100"):
         rasterize(g, cam, bg, backend="reference", capacity=100)
 
 
 def test_overflow_under_jit_is_reported_and_warned():
     g, cam, bg = generic_scene()
-    total = count_intersections(g, cam)
+    total = count_intersections(g, cam, backend="reference")
     render = jax.jit(lambda g: rasterize(g, cam, bg, backend="reference", capacity=100).stats)
     with pytest.warns(RuntimeWarning, match="dropped"):
         stats = jax.block_until_ready(render(g))
@@ -185,7 +185,7 @@ def test_batched_camera_vmap_and_jit_give_per_camera_results():
     bgs = jnp.asarray(rng.uniform(0, 1, (3, 3)), jnp.float32)
     singles = [rasterize(g, c, b, backend="reference") for c, b in zip(cams, bgs)]
     batched = rasterize(g, batch, bgs, backend="reference")  # capacity from the busiest camera
-    capacity = max(count_intersections(g, c) for c in cams)
+    capacity = max(count_intersections(g, c, backend="reference") for c in cams)
     vmapped = jax.jit(jax.vmap(lambda c, b: rasterize(g, c, b, backend="reference", capacity=capacity)))(batch, bgs)
     assert batched.image.shape == (3, cam0.height, cam0.width, 3)
     for i, s in enumerate(singles):

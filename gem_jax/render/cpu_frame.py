@@ -25,7 +25,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from gem_jax.render import _ffi
-from gem_jax.render.project import Projected, project_gaussians
+from gem_jax.render.project import Projected
 from gem_jax.render.tiles import TileLists, tile_grid
 from gem_jax.types import Camera, Gaussians
 
@@ -33,7 +33,7 @@ __all__ = ["CpuFrame", "count_cpu", "render_cpu"]
 
 _PROJECT_CHUNK = 1024  # Gaussians per camera-gradient partial sum of the backward
 _CAMERA_GRAD_BYTES = 20 * 8  # one partial: CameraGrads of kernels/project_math.h
-BACKWARD = "cpp"  # "cpp": projection backward in C++; "jax": jax.vjp of project_gaussians
+_RECORD = 16  # floats per Gaussian record (kernels/blend_cpu.h): mean2d, conic, …, depth at 9
 
 
 @flax.struct.dataclass
@@ -68,9 +68,7 @@ def _forward_call(width, height, capacity, means, quats, scales, opacities, colo
         jax.ShapeDtypeStruct((height, width), f32),  # depth
         jax.ShapeDtypeStruct((height, width), f32),  # final transmittance
         jax.ShapeDtypeStruct((height, width), i32),  # last contributor (1 + index in tile list)
-        jax.ShapeDtypeStruct((n, 2), f32),  # means2d
-        jax.ShapeDtypeStruct((n, 3), f32),  # conics
-        jax.ShapeDtypeStruct((n,), f32),  # depths
+        jax.ShapeDtypeStruct((n, _RECORD), f32),  # records: means2d, conics, …, depths, box
         jax.ShapeDtypeStruct((n,), i32),  # radii
         jax.ShapeDtypeStruct((capacity,), i32),  # gaussian_ids
         jax.ShapeDtypeStruct((tiles_x * tiles_y, 2), i32),  # tile_ranges
@@ -97,12 +95,9 @@ def _frame_fwd(means, quats, scales, opacities, colors, viewmat, K, background, 
 
 def _frame_bwd(width, height, capacity, residuals, cotangents):
     inputs, outs = residuals
-    _, _, _, transmittance, last, means2d, conics, depths, radii, ids, ranges, _ = outs
+    _, _, _, transmittance, last, records, radii, ids, ranges, _ = outs
     v_image, v_alpha, v_depth = (jnp.asarray(c, jnp.float32) for c in cotangents[:3])
-    v_background = jnp.einsum("hw,hwc->c", transmittance, v_image)  # d image / d bg = T_final
-    if BACKWARD == "jax":
-        return _jax_projection_bwd(width, height, inputs, outs, (v_image, v_alpha, v_depth), v_background)
-    n, m = means2d.shape[0], ids.shape[0]
+    n, m = radii.shape[0], ids.shape[0]
     f32 = jnp.float32
     shapes = (
         jax.ShapeDtypeStruct((n, 3), f32),  # v_means
@@ -118,39 +113,11 @@ def _frame_bwd(width, height, capacity, residuals, cotangents):
     )
     call = jax.ffi.ffi_call("gem_frame_backward_cpu", shapes, vmap_method="broadcast_all")
     grads = call(
-        *inputs, means2d, conics, depths, radii, ids, ranges, transmittance, last, v_image, v_alpha, v_depth,
+        *inputs, records, radii, ids, ranges, transmittance, last, v_image, v_alpha, v_depth,
         width=np.int32(width), height=np.int32(height),
     )[:7]  # fmt: skip
+    v_background = jnp.einsum("hw,hwc->c", transmittance, v_image)  # d image / d bg = T_final
     return (*grads, v_background)
-
-
-def _jax_projection_bwd(width, height, inputs, outs, cotangents, v_background):
-    """Blending backward in C++, then ``jax.vjp`` of ``project_gaussians``."""
-    means, quats, scales, opacities, colors, viewmat, K, background = inputs
-    _, _, _, transmittance, last, means2d, conics, depths, radii, ids, ranges, _ = outs
-    n, m = means2d.shape[0], ids.shape[0]
-    f32 = jnp.float32
-    shapes = (
-        jax.ShapeDtypeStruct((n, 2), f32),
-        jax.ShapeDtypeStruct((n, 3), f32),
-        jax.ShapeDtypeStruct((n, 3), f32),
-        jax.ShapeDtypeStruct((n,), f32),
-        jax.ShapeDtypeStruct((n,), f32),
-        jax.ShapeDtypeStruct((m, 10), f32),
-    )
-    call = jax.ffi.ffi_call("gem_blend_backward_cpu", shapes, vmap_method="broadcast_all")
-    v_means2d, v_conics, v_colors, v_opacities, v_depths, _ = call(
-        means2d, conics, colors, opacities, depths, background, ids, ranges, transmittance, last, *cotangents,
-        width=np.int32(width), height=np.int32(height),
-    )  # fmt: skip
-
-    def project(means, quats, scales, opacities, colors, viewmat, K):
-        g = Gaussians(means=means, quats=quats, scales=scales, opacities=opacities, colors=colors)
-        p = project_gaussians(g, Camera(viewmat=viewmat, K=K, width=width, height=height))
-        return p.means2d, p.conics, p.depths, p.opacities, p.colors
-
-    _, vjp = jax.vjp(project, means, quats, scales, opacities, colors, viewmat, K)
-    return (*vjp((v_means2d, v_conics, v_depths, v_opacities, v_colors)), v_background)
 
 
 _frame.defvjp(_frame_fwd, _frame_bwd)
@@ -169,14 +136,14 @@ def render_cpu(
     _ffi.require_kernel("cpu")
     width, height = int(camera.width), int(camera.height)
     outs = _frame(*_floats(gaussians, camera, background), width, height, int(capacity))
-    image, alpha, depth, _, _, means2d, conics, depths, radii, ids, ranges, total = outs
-    means2d, conics, depths = (jax.lax.stop_gradient(x) for x in (means2d, conics, depths))
+    image, alpha, depth, _, _, records, radii, ids, ranges, total = outs
+    records = jax.lax.stop_gradient(records)
     visible = radii > 0
     f32 = jnp.float32
     projected = Projected(
-        means2d=means2d,
-        conics=conics,
-        depths=depths,
+        means2d=records[:, 0:2],
+        conics=records[:, 2:5],
+        depths=records[:, 9],
         radii=radii,
         opacities=jnp.where(visible, jax.lax.stop_gradient(jnp.asarray(gaussians.opacities, f32)), 0.0),
         colors=jnp.where(visible[:, None], jax.lax.stop_gradient(jnp.asarray(gaussians.colors, f32)), 0.0),
