@@ -3,6 +3,7 @@
     python benchmarks/bench_rasterize.py                       # defaults (~2 min on 2 cores)
     python benchmarks/bench_rasterize.py --sizes 3000@128,16000@512,60000@512 \\
         --backends reference,cpu --repeats 10 --out results.json
+    python benchmarks/bench_rasterize.py --sizes 16000@512 --profile   # + C++ phase times
 
 The scene is a head-sized shell of Gaussians (an ellipsoid surface with some thickness, as a
 GEM avatar is) seen from the front so that it fills about 60 % of the image; Gaussian sizes
@@ -10,12 +11,17 @@ follow the surface density (N Gaussians tile the shell), opacities are uniform i
 Each backend's ``rasterize`` is jitted with a fixed capacity (exact count + 10 %), timed as
 the median of ``--repeats`` runs after ``--warmup`` runs, each ended by ``block_until_ready``;
 forward+backward is ``jax.grad`` of an image loss w.r.t. all Gaussian parameters. Compile
-time (first call) is reported separately. Results go to a table on stdout and a JSON file.
+time (first call) is reported separately, and each backend's speed-up over ``reference`` of
+the same size ("× ref"). ``--profile`` adds the C++ CPU pass's own phase times (projection,
+depth sort, binning, blending from ``--repeats`` more forward runs; blending backward,
+reduction, projection backward from as many forward+backward runs), per call. Results go to
+a table on stdout and a JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import statistics
@@ -73,7 +79,22 @@ def timed(fn, args, warmup: int, repeats: int) -> tuple[float, float, float]:
     return first, statistics.median(times), min(times)
 
 
-def bench_one(n: int, resolution: int, backend: str, warmup: int, repeats: int, seed: int) -> dict:
+PHASES = ("project", "sort", "bin", "blend", "blend_bwd", "reduce", "project_bwd")
+
+
+def cpu_phases() -> np.ndarray:
+    """The C++ pass's phase times in ms since the last call (``gem_frame_profile``), or zeros."""
+    from gem_jax.render import _ffi
+
+    library = _ffi._LIBRARIES.get("cpu")
+    out = (ctypes.c_double * len(PHASES))()
+    if library is not None:
+        library.gem_frame_profile(out, ctypes.c_int32(1))
+    return np.array(out[:])
+
+
+def bench_one(n: int, resolution: int, backend: str, warmup: int, repeats: int, seed: int,
+              profile: bool = False) -> dict:
     g, cam, bg = head_scene(n, resolution, seed)
     total = count_intersections(g, cam)
     capacity = int(total * 1.1) + 256
@@ -91,7 +112,17 @@ def bench_one(n: int, resolution: int, backend: str, warmup: int, repeats: int, 
     out = render(g)
     compile_f, t_f, min_f = timed(forward, (g,), warmup, repeats)
     compile_b, t_b, min_b = timed(backward, (g,), warmup, repeats)
-    return {
+    extra = {}
+    if profile and backend == "cpu":  # separate runs: forward phases, then backward phases
+        cpu_phases()
+        for _ in range(repeats):
+            jax.block_until_ready(forward(g))
+        forward_phases = cpu_phases()[:4] / repeats
+        for _ in range(repeats):
+            jax.block_until_ready(backward(g))
+        backward_phases = cpu_phases()[4:] / repeats
+        extra = {f"ms_{k}": float(v) for k, v in zip(PHASES, np.concatenate([forward_phases, backward_phases]))}
+    return extra | {
         "gaussians": n, "resolution": resolution, "backend": backend,
         "ms_forward": 1e3 * t_f, "ms_forward_backward": 1e3 * t_b,
         "ms_forward_min": 1e3 * min_f, "ms_forward_backward_min": 1e3 * min_b,
@@ -120,22 +151,33 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_rasterize.json", help="JSON output path")
+    parser.add_argument("--profile", action="store_true", help="also report the C++ pass's phase times")
     args = parser.parse_args(argv)
     backends = args.backends.split(",") if args.backends else [b for b in available_backends() if b != "dense"]
     print(f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or platform.machine()}), "
           f"backends {backends}")  # fmt: skip
     columns = [("Gaussians", 9), ("res", 5), ("backend", 9), ("fwd ms", 9), ("fwd+bwd ms", 11),
-               ("compile s", 10), ("isect", 8), ("cover", 6)]  # fmt: skip
+               ("× ref fwd", 10), ("× ref f+b", 10), ("compile s", 10), ("isect", 8), ("cover", 6)]  # fmt: skip
     header = " ".join(f"{name:>{width}}" for name, width in columns)
     print(header + "\n" + "-" * len(header))
     rows = []
     for n, res in parse_sizes(args.sizes):
-        for backend in backends:
-            r = bench_one(n, res, backend, args.warmup, args.repeats, args.seed)
+        reference = None
+        for backend in sorted(backends, key=lambda b: b != "reference"):  # reference first
+            r = bench_one(n, res, backend, args.warmup, args.repeats, args.seed, args.profile)
+            if backend == "reference":
+                reference = r
+            if reference is not None:
+                r["speedup_forward"] = reference["ms_forward"] / r["ms_forward"]
+                r["speedup_forward_backward"] = reference["ms_forward_backward"] / r["ms_forward_backward"]
             rows.append(r)
+            ratios = (f"{r['speedup_forward']:>10.1f} {r['speedup_forward_backward']:>10.1f}" if reference
+                      else f"{'-':>10} {'-':>10}")  # fmt: skip
             print(f"{n:>9} {res:>5} {backend:>9} {r['ms_forward']:>9.1f} {r['ms_forward_backward']:>11.1f} "
-                  f"{r['s_compile_forward'] + r['s_compile_forward_backward']:>10.1f} {r['intersections']:>8} "
-                  f"{r['coverage']:>6.2f}", flush=True)  # fmt: skip
+                  f"{ratios} {r['s_compile_forward'] + r['s_compile_forward_backward']:>10.1f} "
+                  f"{r['intersections']:>8} {r['coverage']:>6.2f}", flush=True)  # fmt: skip
+            if "ms_project" in r:
+                print("          C++ phases, ms per call: " + ", ".join(f"{k} {r['ms_' + k]:.2f}" for k in PHASES))
     meta = {"jax": jax.__version__, "platform": jax.default_backend(), "device": str(jax.devices()[0]),
             "repeats": args.repeats, "warmup": args.warmup, "statistic": "median"}  # fmt: skip
     Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))

@@ -5,6 +5,7 @@
 // blend_cpu.cc.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -50,6 +51,32 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& body) {
   work();
   while (counters->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
+
+// Milliseconds per phase, summed over calls (gem_frame_profile reads them: benchmarks).
+enum Phase : int {
+  kPhaseProject, kPhaseSort, kPhaseBin, kPhaseBlend,  // forward
+  kPhaseBlendBackward, kPhaseReduce, kPhaseProjectBackward,  // backward
+  kPhases
+};
+std::atomic<double> g_phase_ms[kPhases];
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Adds the time since the previous lap (or construction) to a phase.
+class PhaseClock {
+ public:
+  void lap(Phase phase) {
+    const double t = now_ms();
+    g_phase_ms[phase].fetch_add(t - last_, std::memory_order_relaxed);
+    last_ = t;
+  }
+
+ private:
+  double last_ = now_ms();
+};
 
 constexpr int64_t kProjectChunk = 1024;  // Gaussians per work item of the projection
 constexpr int kSortScratch = 5;          // int32 scratch per Gaussian: tile count, sort keys/ids
@@ -172,22 +199,29 @@ ffi::Error frame_forward(
     return Projection{records->typed_data() + b * n * kRecordWidth, radii->typed_data() + b * n,
                       scratch->typed_data() + b * n * kSortScratch};
   };
+  PhaseClock clock;
   const int64_t chunks = chunks_of(n, kProjectChunk);
   parallel_for(pool, f.batch * chunks, [&](int64_t item) {
     const int64_t b = item / chunks, c = item % chunks;
     project_range(f.camera(b, nullptr), f.params(b), c * kProjectChunk,
                   std::min(n, (c + 1) * kProjectChunk), projection(b));
   });
-  parallel_for(pool, f.batch, [&](int64_t b) {
+  clock.lap(kPhaseProject);
+  parallel_for(pool, f.batch, [&](int64_t b) {  // one camera's lists per work item
+    PhaseClock camera_clock;
     int32_t* s = scratch->typed_data() + b * n * kSortScratch;
     const SortScratch sort{reinterpret_cast<uint32_t*>(s + n), reinterpret_cast<uint32_t*>(s + 2 * n),
                            s + 3 * n, s + 4 * n};
-    const int64_t total = build_tile_lists(f.camera(b, nullptr), projection(b), sort,
-                                           ids->typed_data() + b * m, m,
-                                           ranges->typed_data() + b * tiles * 2);
+    int64_t visible;
+    const int32_t* order = depth_order(projection(b), n, sort, &visible);
+    camera_clock.lap(kPhaseSort);
+    const int64_t total = bin_tiles(f.camera(b, nullptr), projection(b), order, visible,
+                                    ids->typed_data() + b * m, m, ranges->typed_data() + b * tiles * 2);
+    camera_clock.lap(kPhaseBin);
     num_intersections->typed_data()[b] =
         static_cast<int32_t>(std::min<int64_t>(total, std::numeric_limits<int32_t>::max()));
   });
+  clock = PhaseClock();
   parallel_for(pool, f.batch * tiles, [&](int64_t item) {
     const int64_t b = item / tiles, tile = item % tiles;
     const Scene s{records->typed_data() + b * n * kRecordWidth,
@@ -200,6 +234,7 @@ ffi::Error frame_forward(
                          last->typed_data() + b * hw};
     forward_tile(s, tile, out);
   });
+  clock.lap(kPhaseBlend);
   return ffi::Error::Success();
 }
 
@@ -253,6 +288,7 @@ ffi::Error frame_backward(
                  ids.typed_data() + b * m, ranges.typed_data() + b * tiles * 2,
                  n, m, width, height, static_cast<int>(f.tiles_x)};
   };
+  PhaseClock clock;
   // Blending backward: one gradient record per intersection.
   parallel_for(pool, f.batch * tiles, [&](int64_t item) {
     const int64_t b = item / tiles, tile = item % tiles;
@@ -269,12 +305,14 @@ ffi::Error frame_backward(
     return GaussianGrads{g, g + 2 * n, v_colors->typed_data() + b * n * 3,
                          v_opacities->typed_data() + b * n, g + 5 * n};
   };
+  clock.lap(kPhaseBlendBackward);
   const int64_t reduce_chunks = std::clamp<int64_t>(pool.num_threads(), 1, 16);
   parallel_for(pool, f.batch * reduce_chunks, [&](int64_t item) {
     const int64_t b = item / reduce_chunks, chunk = item % reduce_chunks;
     reduce_records(scene(b), tiles, grad_records->typed_data() + b * m * kGradWidth,
                    n * chunk / reduce_chunks, n * (chunk + 1) / reduce_chunks, grads_2d(b));
   });
+  clock.lap(kPhaseReduce);
   // Projection backward in `parts` fixed chunks, one camera partial each, summed in order
   // below: deterministic whatever the thread count.
   parallel_for(pool, f.batch * parts, [&](int64_t item) {
@@ -301,6 +339,7 @@ ffi::Error frame_backward(
     finish_camera_grads(f.params(b), sum, v_viewmat->typed_data() + b * 16,
                         v_K->typed_data() + b * 9);
   }
+  clock.lap(kPhaseProjectBackward);
   return ffi::Error::Success();
 }
 
@@ -311,6 +350,14 @@ ffi::Error frame_backward(
 
 // Bumped whenever a handler's operands or attributes change; gem_jax/render/_ffi.py checks it.
 GEM_EXPORT int32_t gem_blend_abi_version() { return 2; }
+
+// Milliseconds spent per phase since the last reset, summed over calls and cameras: out[0..6]
+// = projection, depth sort, binning, blending; blending backward, reduction, projection
+// backward. For benchmarks (benchmarks/bench_rasterize.py --profile).
+GEM_EXPORT void gem_frame_profile(double* out, int32_t reset) {
+  for (int i = 0; i < gem::kPhases; ++i)
+    out[i] = reset ? gem::g_phase_ms[i].exchange(0.0) : gem::g_phase_ms[i].load();
+}
 
 GEM_EXPORT XLA_FFI_Error* GemFrameCountCpu(XLA_FFI_CallFrame* call_frame);
 GEM_EXPORT XLA_FFI_Error* GemFrameForwardCpu(XLA_FFI_CallFrame* call_frame);

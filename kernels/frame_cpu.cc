@@ -52,8 +52,8 @@ inline Rect tile_rect(float u, float v, int32_t radius, int32_t tiles_x, int32_t
 inline int32_t tiles_x_of(int width) { return (width + kTileSize - 1) / kTileSize; }
 inline int32_t tiles_y_of(int height) { return (height + kTileSize - 1) / kTileSize; }
 
-// Sorts the Gaussians with a non-zero tile count by (depth, id); returns them (a pointer
-// into the scratch) and their number in *m.
+}  // namespace
+
 const int32_t* depth_order(const Projection& p, int64_t n, const SortScratch& s, int64_t* m) {
   uint32_t *keys = s.keys0, *keys_next = s.keys1;
   int32_t *ids = s.ids0, *ids_next = s.ids1;
@@ -88,8 +88,6 @@ const int32_t* depth_order(const Projection& p, int64_t n, const SortScratch& s,
   return ids;
 }
 
-}  // namespace
-
 void project_range(const FrameIn& in, const CameraParams& cam, int64_t g0, int64_t g1,
                    const Projection& out) {
   const int32_t tiles_x = tiles_x_of(in.width), tiles_y = tiles_y_of(in.height);
@@ -109,12 +107,10 @@ void project_range(const FrameIn& in, const CameraParams& cam, int64_t g0, int64
   }
 }
 
-int64_t build_tile_lists(const FrameIn& in, const Projection& p, const SortScratch& s,
-                         int32_t* ids, int64_t capacity, int32_t* ranges) {
+int64_t bin_tiles(const FrameIn& in, const Projection& p, const int32_t* order, int64_t m,
+                  int32_t* ids, int64_t capacity, int32_t* ranges) {
   const int32_t tiles_x = tiles_x_of(in.width), tiles_y = tiles_y_of(in.height);
   const int64_t num_tiles = static_cast<int64_t>(tiles_x) * tiles_y;
-  int64_t m;
-  const int32_t* order = depth_order(p, in.n, s, &m);
 
   // Visits the kept pairs of the depth-ordered Gaussians: visit(tile, gaussian). Pair number
   // `offset + local` of a Gaussian is its local-th tile, row-major in its rectangle.

@@ -26,23 +26,29 @@ struct Projection {
   int32_t *radii, *tile_counts;   // (N,), (N,)
 };
 
-// Scratch of build_tile_lists: four int32 arrays of N (radix-sort keys and ids, ping-pong).
-struct SortScratch {
-  uint32_t *keys0, *keys1;
-  int32_t *ids0, *ids1;
-};
-
 // Projects Gaussians [g0, g1) of `in` into `out` (records, radii and tile counts); with
 // out.records == nullptr only the tile counts are written (for sizing the capacity).
 GEM_INTERNAL void project_range(const FrameIn& in, const CameraParams& cam, int64_t g0, int64_t g1,
                                 const Projection& out);
 
-// The tile lists of one camera, exactly those of gem_jax/render/tiles.py: every
-// (tile, Gaussian) pair, per tile in (depth, id) order, in `ids` (capacity entries; padding
-// 0) with `ranges` (T, 2) = [start, end). Pairs beyond the capacity are dropped as tiles.py
-// drops them (the farthest Gaussians' first). Returns the true number of pairs.
-GEM_INTERNAL int64_t build_tile_lists(const FrameIn& in, const Projection& p, const SortScratch& s,
-                                      int32_t* ids, int64_t capacity, int32_t* ranges);
+// Scratch of depth_order: four int32 arrays of N (radix-sort keys and ids, ping-pong).
+struct SortScratch {
+  uint32_t *keys0, *keys1;
+  int32_t *ids0, *ids1;
+};
+
+// The Gaussians with a non-zero tile count in (depth, id) order: returns them (a pointer
+// into the scratch) and their number in *m.
+GEM_INTERNAL const int32_t* depth_order(const Projection& p, int64_t n, const SortScratch& s,
+                                        int64_t* m);
+
+// The tile lists of one camera from the depth order, exactly those of
+// gem_jax/render/tiles.py: every (tile, Gaussian) pair, per tile in (depth, id) order, in
+// `ids` (capacity entries; padding 0) with `ranges` (T, 2) = [start, end). Pairs beyond the
+// capacity are dropped as tiles.py drops them (the farthest Gaussians' first). Returns the
+// true number of pairs.
+GEM_INTERNAL int64_t bin_tiles(const FrameIn& in, const Projection& p, const int32_t* order,
+                               int64_t m, int32_t* ids, int64_t capacity, int32_t* ranges);
 
 // Backward of the projection for Gaussians [g0, g1): from the 2D gradients (v_means2d (N,2),
 // v_conics (N,3), v_depths (N,)) to v_means (N,3), v_quats (N,4), v_scales (N,3) (zeros
