@@ -1,6 +1,6 @@
 """The C++ CPU rasterizer (``backend="cpu"``: gem_jax/render/cpu_frame.py, kernels/).
 
-Specification (DESIGN §9): one FFI call renders a frame as ``project_gaussians`` →
+Specification (docs/architecture.md §9): one FFI call renders a frame as ``project_gaussians`` →
 ``tile_intersections`` → blending would — the same projection (means2d, conics, depths, radii
 and culled set, for near-plane, behind-camera, off-screen, frustum-clamped, NaN/Inf and
 degenerate Gaussians), the same tile lists (order, count, overflow and dropped pairs), the
@@ -27,7 +27,7 @@ import pytest
 from jax.test_util import check_grads
 from test_render_oracle import random_camera, random_gaussians
 
-from gem_jax.render import CapacityOverflowError, count_intersections, rasterize
+from gem_jax.render import CapacityOverflowError, available_backends, count_intersections, rasterize
 from gem_jax.render import _ffi
 from gem_jax.render.cpu_frame import count_cpu, render_cpu
 from gem_jax.render.project import project_gaussians
@@ -206,7 +206,7 @@ def test_tile_lists_equal_tiles_py(overflow):
 
 
 def oracle_blend(means2d, conics, colors, opacities, depths, background, ids, ranges, width, height):
-    """The blending rule of DESIGN §9 for every pixel at once, in the inputs' precision (a
+    """The blending rule of docs/architecture.md §9 for every pixel at once, in the inputs' precision (a
     direct transcription, independent of the package): alpha = min(0.99, o exp(-sigma)),
     skipped if sigma < 0 or alpha < 1/255; the Gaussian that would take the transmittance
     below 1e-4 and all after it are excluded. Returns image (H,W,3), alpha (H,W), depth (H,W)
@@ -380,6 +380,7 @@ def test_backward_is_deterministic():
 def test_capacity_and_overflow_through_rasterize():
     """capacity=None is exact; an explicit capacity that overflows raises eagerly and, under
     jit, is reported in stats with a warning (as for the reference backend)."""
+    assert available_backends()[0] == "cpu"  # "auto" picks the C++ pass on a CPU
     g, cam, bg = scene("odd-size", seed=10)
     total = count_intersections(g, cam, backend="cpu")
     assert total > 150

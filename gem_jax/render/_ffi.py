@@ -1,4 +1,4 @@
-"""Compiled rasterizer kernels through the XLA FFI (DESIGN §9; CONVENTIONS 6 and 7).
+"""Compiled rasterizer kernels through the XLA FFI (docs/architecture.md §9).
 
 The kernels (``kernels/``, built by ``pip install .``) are plain shared libraries in the
 package ``gem_jax_kernels``; this module loads them with ctypes and registers their XLA FFI
