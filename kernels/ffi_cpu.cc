@@ -79,7 +79,8 @@ class PhaseClock {
 };
 
 constexpr int64_t kProjectChunk = 1024;  // Gaussians per work item of the projection
-constexpr int kSortScratch = 5;          // int32 scratch per Gaussian: tile count, sort keys/ids
+// int32 scratch per Gaussian: tile count, tile rectangle (2), radix-sort keys and ids (4)
+constexpr int kSortScratch = 7;
 
 int64_t chunks_of(int64_t n, int64_t size) { return (n + size - 1) / size; }
 
@@ -156,7 +157,7 @@ ffi::Error frame_count(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> means,
   const int64_t chunks = chunks_of(f.n, kProjectChunk);
   parallel_for(pool, f.batch * chunks, [&](int64_t item) {
     const int64_t b = item / chunks, c = item % chunks;
-    const Projection out{nullptr, nullptr, tile_counts->typed_data() + b * f.n};
+    const Projection out{nullptr, nullptr, tile_counts->typed_data() + b * f.n, nullptr};
     project_range(f.camera(b, nullptr), f.params(b), c * kProjectChunk,
                   std::min(f.n, (c + 1) * kProjectChunk), out);
   });
@@ -191,13 +192,14 @@ ffi::Error frame_forward(
       {"gaussian_ids (..., M)", ids->element_count(), b * m},
       {"tile_ranges (..., T, 2)", ranges->element_count(), b * tiles * 2},
       {"num_intersections (...)", num_intersections->element_count(), b},
-      {"scratch (..., 5, N)", scratch->element_count(), b * n * kSortScratch},
+      {"scratch (..., 7, N)", scratch->element_count(), b * n * kSortScratch},
   };
   if (ffi::Error err = check_sizes("gem frame forward", expect); err.failure()) return err;
 
   auto projection = [&](int64_t b) {
-    return Projection{records->typed_data() + b * n * kRecordWidth, radii->typed_data() + b * n,
-                      scratch->typed_data() + b * n * kSortScratch};
+    int32_t* s = scratch->typed_data() + b * n * kSortScratch;
+    return Projection{records->typed_data() + b * n * kRecordWidth, radii->typed_data() + b * n, s,
+                      s + n};
   };
   PhaseClock clock;
   const int64_t chunks = chunks_of(n, kProjectChunk);
@@ -210,8 +212,8 @@ ffi::Error frame_forward(
   parallel_for(pool, f.batch, [&](int64_t b) {  // one camera's lists per work item
     PhaseClock camera_clock;
     int32_t* s = scratch->typed_data() + b * n * kSortScratch;
-    const SortScratch sort{reinterpret_cast<uint32_t*>(s + n), reinterpret_cast<uint32_t*>(s + 2 * n),
-                           s + 3 * n, s + 4 * n};
+    const SortScratch sort{reinterpret_cast<uint32_t*>(s + 3 * n),
+                           reinterpret_cast<uint32_t*>(s + 4 * n), s + 5 * n, s + 6 * n};
     int64_t visible;
     const int32_t* order = depth_order(projection(b), n, sort, &visible);
     camera_clock.lap(kPhaseSort);
@@ -398,7 +400,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemFrameForwardCpu, gem::frame_forward,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // gaussian_ids (capacity)
                                   .Ret<ffi::Buffer<ffi::S32>>()  // tile_ranges
                                   .Ret<ffi::Buffer<ffi::S32>>()  // num_intersections
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // scratch (5, N)
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // scratch (7, N)
                                   .Attr<int32_t>("width")
                                   .Attr<int32_t>("height"));
 

@@ -49,6 +49,11 @@ inline Rect tile_rect(float u, float v, int32_t radius, int32_t tiles_x, int32_t
   return rect;
 }
 
+// A tile span [start, end) packed into one int32 (tile indices < 2^15).
+inline int32_t pack_span(int32_t start, int32_t end) { return start | (end << 16); }
+inline int32_t span_start(int32_t span) { return span & 0xffff; }
+inline int32_t span_end(int32_t span) { return span >> 16; }
+
 inline int32_t tiles_x_of(int width) { return (width + kTileSize - 1) / kTileSize; }
 inline int32_t tiles_y_of(int height) { return (height + kTileSize - 1) / kTileSize; }
 
@@ -98,6 +103,8 @@ void project_range(const FrameIn& in, const CameraParams& cam, int64_t g0, int64
     const Rect r = tile_rect(s.u, s.v, s.radius, tiles_x, tiles_y);
     out.tile_counts[g] = std::max(r.x1 - r.x0, 0) * std::max(r.y1 - r.y0, 0);
     if (out.records == nullptr) continue;
+    out.rects[2 * g] = pack_span(r.x0, r.x1);
+    out.rects[2 * g + 1] = pack_span(r.y0, r.y1);
     out.radii[g] = s.radius;
     const bool visible = s.radius > 0;
     const float mean2d[2] = {s.u, s.v}, conic[3] = {s.a, s.b, s.c};
@@ -109,8 +116,8 @@ void project_range(const FrameIn& in, const CameraParams& cam, int64_t g0, int64
 
 int64_t bin_tiles(const FrameIn& in, const Projection& p, const int32_t* order, int64_t m,
                   int32_t* ids, int64_t capacity, int32_t* ranges) {
-  const int32_t tiles_x = tiles_x_of(in.width), tiles_y = tiles_y_of(in.height);
-  const int64_t num_tiles = static_cast<int64_t>(tiles_x) * tiles_y;
+  const int32_t tiles_x = tiles_x_of(in.width);
+  const int64_t num_tiles = static_cast<int64_t>(tiles_x) * tiles_y_of(in.height);
 
   // Visits the kept pairs of the depth-ordered Gaussians: visit(tile, gaussian). Pair number
   // `offset + local` of a Gaussian is its local-th tile, row-major in its rectangle.
@@ -121,11 +128,11 @@ int64_t bin_tiles(const FrameIn& in, const Projection& p, const int32_t* order, 
       const int64_t count = p.tile_counts[g];
       const int64_t kept = std::min(count, capacity - offset);
       offset += count;
-      const float* rec = p.records + kRecordWidth * static_cast<int64_t>(g);
-      const Rect r = tile_rect(rec[kRecMeanX], rec[kRecMeanY], p.radii[g], tiles_x, tiles_y);
+      const int32_t x0 = span_start(p.rects[2 * g]), x1 = span_end(p.rects[2 * g]);
+      const int32_t y0 = span_start(p.rects[2 * g + 1]), y1 = span_end(p.rects[2 * g + 1]);
       int64_t local = 0;
-      for (int32_t ty = r.y0; ty < r.y1 && local < kept; ++ty)
-        for (int32_t tx = r.x0; tx < r.x1 && local < kept; ++tx, ++local)
+      for (int32_t ty = y0; ty < y1 && local < kept; ++ty)
+        for (int32_t tx = x0; tx < x1 && local < kept; ++tx, ++local)
           visit(static_cast<int64_t>(ty) * tiles_x + tx, g);
     }
   };

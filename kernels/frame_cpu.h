@@ -20,10 +20,11 @@ struct FrameIn {
 };
 
 // Projected Gaussians: one record per Gaussian (blend_cpu.h; project.py's means2d, conics
-// and depths, zeros when culled), radii (0 = culled) and tile counts.
+// and depths, zeros when culled), radii (0 = culled), tile counts and tile rectangles.
 struct Projection {
-  float* records;                 // (N, kRecordWidth)
-  int32_t *radii, *tile_counts;   // (N,), (N,)
+  float* records;                // (N, kRecordWidth)
+  int32_t *radii, *tile_counts;  // (N,), (N,)
+  int32_t* rects;                // (N, 2): [x0, x1) and [y0, y1) in tiles, 16 bits each
 };
 
 // Projects Gaussians [g0, g1) of `in` into `out` (records, radii and tile counts); with

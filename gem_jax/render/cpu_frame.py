@@ -73,7 +73,7 @@ def _forward_call(width, height, capacity, means, quats, scales, opacities, colo
         jax.ShapeDtypeStruct((capacity,), i32),  # gaussian_ids
         jax.ShapeDtypeStruct((tiles_x * tiles_y, 2), i32),  # tile_ranges
         jax.ShapeDtypeStruct((), i32),  # num_intersections
-        jax.ShapeDtypeStruct((5, n), i32),  # scratch: tile counts, radix-sort keys and ids
+        jax.ShapeDtypeStruct((7, n), i32),  # scratch: tile counts and rectangles, radix-sort keys/ids
     )
     call = jax.ffi.ffi_call("gem_frame_forward_cpu", shapes, vmap_method="broadcast_all")
     return call(
