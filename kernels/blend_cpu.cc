@@ -248,6 +248,9 @@ GEM_CLONES void forward_tile(const Scene& s, int64_t tile, const ForwardOut& out
       out.image[3 * (q + l) + 2] = st.C2[p + l] + st.T[p + l] * bg2;
       out.alpha[q + l] = 1.0f - st.T[p + l];
       out.depth[q + l] = st.D[p + l];
+    }
+    if (out.transmittance == nullptr) continue;  // no backward will follow
+    for (int l = 0; l < width; ++l) {
       out.transmittance[q + l] = st.T[p + l];
       out.last[q + l] = st.last[p + l];
     }

@@ -41,8 +41,11 @@ struct Scene {
 };
 
 struct ForwardOut {
-  float *image, *alpha, *depth, *transmittance;  // (H, W, 3), (H, W) x 3
-  int32_t* last;                                 // (H, W): 1 + index in the tile's list
+  float *image, *alpha, *depth;  // (H, W, 3), (H, W), (H, W)
+  // What the backward needs, or both nullptr (not written): final transmittance (H, W) and
+  // last contributor (H, W), 1 + index in the tile's list.
+  float* transmittance;
+  int32_t* last;
 };
 
 struct BackwardIn {

@@ -173,7 +173,7 @@ ffi::Error frame_forward(
     ffi::ResultBuffer<ffi::S32> last, ffi::ResultBuffer<ffi::F32> records,
     ffi::ResultBuffer<ffi::S32> radii, ffi::ResultBuffer<ffi::S32> ids,
     ffi::ResultBuffer<ffi::S32> ranges, ffi::ResultBuffer<ffi::S32> num_intersections,
-    ffi::ResultBuffer<ffi::S32> scratch, int32_t width, int32_t height) {
+    ffi::ResultBuffer<ffi::S32> scratch, int32_t width, int32_t height, bool residuals) {
   FrameBuffers f{means, quats, scales, opacities, colors, viewmat, K, width, height};
   if (ffi::Error err = f.check("gem frame forward"); err.failure()) return err;
   const int64_t n = f.n, hw = f.hw, tiles = f.tiles;
@@ -232,8 +232,9 @@ ffi::Error frame_forward(
                   ranges->typed_data() + b * tiles * 2,
                   n, m, width, height, static_cast<int>(f.tiles_x)};
     const ForwardOut out{image->typed_data() + b * hw * 3, alpha->typed_data() + b * hw,
-                         depth->typed_data() + b * hw, transmittance->typed_data() + b * hw,
-                         last->typed_data() + b * hw};
+                         depth->typed_data() + b * hw,
+                         residuals ? transmittance->typed_data() + b * hw : nullptr,
+                         residuals ? last->typed_data() + b * hw : nullptr};
     forward_tile(s, tile, out);
   });
   clock.lap(kPhaseBlend);
@@ -393,8 +394,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemFrameForwardCpu, gem::frame_forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // image
                                   .Ret<ffi::Buffer<ffi::F32>>()  // alpha
                                   .Ret<ffi::Buffer<ffi::F32>>()  // depth
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // final transmittance
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // last contributor
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // final transmittance (residual)
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // last contributor (residual)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // records (N, 16)
                                   .Ret<ffi::Buffer<ffi::S32>>()  // radii
                                   .Ret<ffi::Buffer<ffi::S32>>()  // gaussian_ids (capacity)
@@ -402,7 +403,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemFrameForwardCpu, gem::frame_forward,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // num_intersections
                                   .Ret<ffi::Buffer<ffi::S32>>()  // scratch (7, N)
                                   .Attr<int32_t>("width")
-                                  .Attr<int32_t>("height"));
+                                  .Attr<int32_t>("height")
+                                  .Attr<bool>("residuals"));  // write transmittance, last
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemFrameBackwardCpu, gem::frame_backward,
                               ffi::Ffi::Bind()

@@ -58,7 +58,7 @@ def _floats(gaussians: Gaussians, camera: Camera, background):
     )
 
 
-def _forward_call(width, height, capacity, means, quats, scales, opacities, colors, viewmat, K, background):
+def _forward_call(width, height, capacity, residuals, means, quats, scales, opacities, colors, viewmat, K, background):
     f32, i32 = jnp.float32, jnp.int32
     n = means.shape[0]
     tiles_x, tiles_y = tile_grid(width, height)
@@ -78,18 +78,20 @@ def _forward_call(width, height, capacity, means, quats, scales, opacities, colo
     call = jax.ffi.ffi_call("gem_frame_forward_cpu", shapes, vmap_method="broadcast_all")
     return call(
         means, quats, scales, opacities, colors, viewmat, K, background,
-        width=np.int32(width), height=np.int32(height),
+        width=np.int32(width), height=np.int32(height), residuals=residuals,
     )[:-1]  # fmt: skip
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
 def _frame(means, quats, scales, opacities, colors, viewmat, K, background, width, height, capacity):
-    return _forward_call(width, height, capacity, means, quats, scales, opacities, colors, viewmat, K, background)
+    # Not differentiated: the transmittance and last-contributor outputs are left unwritten.
+    return _forward_call(width, height, capacity, False, means, quats, scales, opacities, colors, viewmat, K,
+                         background)  # fmt: skip
 
 
 def _frame_fwd(means, quats, scales, opacities, colors, viewmat, K, background, width, height, capacity):
     inputs = (means, quats, scales, opacities, colors, viewmat, K, background)
-    outs = _forward_call(width, height, capacity, *inputs)
+    outs = _forward_call(width, height, capacity, True, *inputs)
     return outs, (inputs, outs)
 
 
