@@ -352,7 +352,7 @@ ffi::Error frame_backward(
 #define GEM_EXPORT extern "C" __attribute__((visibility("default")))
 
 // Bumped whenever a handler's operands or attributes change; gem_jax/render/_ffi.py checks it.
-GEM_EXPORT int32_t gem_blend_abi_version() { return 2; }
+GEM_EXPORT int32_t gem_blend_abi_version() { return 3; }
 
 // Milliseconds spent per phase since the last reset, summed over calls and cameras: out[0..6]
 // = projection, depth sort, binning, blending; blending backward, reduction, projection

@@ -29,7 +29,7 @@ __all__ = [
     "require_kernel",
 ]
 
-_ABI_VERSION = 2  # must equal gem_blend_abi_version() in kernels/ffi_cpu.cc
+_ABI_VERSION = 3  # must equal gem_blend_abi_version() in kernels/ffi_cpu.cc
 _PLATFORMS = {"cpu": "cpu", "cuda": "CUDA"}
 _HANDLERS = {  # backend -> {FFI target name: exported C symbol}
     "cpu": {
