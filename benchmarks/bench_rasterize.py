@@ -12,7 +12,8 @@ Each backend's ``rasterize`` is jitted with a fixed capacity (exact count + 10 %
 the median of ``--repeats`` runs after ``--warmup`` runs, each ended by ``block_until_ready``;
 forward+backward is ``jax.grad`` of an image loss w.r.t. all Gaussian parameters. Compile
 time (first call) is reported separately, and each backend's speed-up over ``reference`` of
-the same size ("× ref"). ``--profile`` adds the C++ CPU pass's own phase times (projection,
+the same size ("× ref"); "cpu ms" is the median process CPU time (all threads) of a call,
+which other processes on a shared machine disturb far less than the wall time. ``--profile`` adds the C++ CPU pass's own phase times (projection,
 depth sort, binning, blending from ``--repeats`` more forward runs; blending backward,
 reduction, projection backward from as many forward+backward runs), per call. Results go to
 a table on stdout and a JSON file.
@@ -64,19 +65,21 @@ def head_scene(n: int, resolution: int, seed: int = 0) -> tuple[Gaussians, Camer
     return g, cam, jnp.ones(3, jnp.float32)
 
 
-def timed(fn, args, warmup: int, repeats: int) -> tuple[float, float, float]:
-    """(compile+first-run seconds, median and minimum seconds of the timed runs)."""
+def timed(fn, args, warmup: int, repeats: int) -> tuple[float, float, float, float]:
+    """(compile+first-run seconds, median and minimum wall seconds of the timed runs, median
+    process CPU seconds (all threads) of the timed runs)."""
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return first, statistics.median(times), min(times)
+        cpu.append(time.process_time() - start_cpu)
+    return first, statistics.median(times), min(times), statistics.median(cpu)
 
 
 PHASES = ("project", "sort", "bin", "blend", "blend_bwd", "reduce", "project_bwd")
@@ -110,8 +113,8 @@ def bench_one(n: int, resolution: int, backend: str, warmup: int, repeats: int, 
     forward = jax.jit(lambda g: render(g).image)
     backward = jax.jit(jax.grad(loss))
     out = render(g)
-    compile_f, t_f, min_f = timed(forward, (g,), warmup, repeats)
-    compile_b, t_b, min_b = timed(backward, (g,), warmup, repeats)
+    compile_f, t_f, min_f, cpu_f = timed(forward, (g,), warmup, repeats)
+    compile_b, t_b, min_b, cpu_b = timed(backward, (g,), warmup, repeats)
     extra = {}
     if profile and backend == "cpu":  # separate runs: forward phases, then backward phases
         cpu_phases()
@@ -126,6 +129,7 @@ def bench_one(n: int, resolution: int, backend: str, warmup: int, repeats: int, 
         "gaussians": n, "resolution": resolution, "backend": backend,
         "ms_forward": 1e3 * t_f, "ms_forward_backward": 1e3 * t_b,
         "ms_forward_min": 1e3 * min_f, "ms_forward_backward_min": 1e3 * min_b,
+        "cpu_ms_forward": 1e3 * cpu_f, "cpu_ms_forward_backward": 1e3 * cpu_b,
         "s_compile_forward": compile_f, "s_compile_forward_backward": compile_b,
         "intersections": total, "visible": int(out.stats["num_visible"]),
         "coverage": float(jnp.mean(out.alpha > 0.5)),
@@ -157,7 +161,8 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or platform.machine()}), "
           f"backends {backends}")  # fmt: skip
     columns = [("Gaussians", 9), ("res", 5), ("backend", 9), ("fwd ms", 9), ("fwd+bwd ms", 11),
-               ("× ref fwd", 10), ("× ref f+b", 10), ("compile s", 10), ("isect", 8), ("cover", 6)]  # fmt: skip
+               ("× ref fwd", 10), ("× ref f+b", 10), ("cpu ms fwd", 11), ("cpu ms f+b", 11),
+               ("compile s", 10), ("isect", 8), ("cover", 6)]  # fmt: skip
     header = " ".join(f"{name:>{width}}" for name, width in columns)
     print(header + "\n" + "-" * len(header))
     rows = []
@@ -174,7 +179,8 @@ def main(argv=None) -> int:
             ratios = (f"{r['speedup_forward']:>10.1f} {r['speedup_forward_backward']:>10.1f}" if reference
                       else f"{'-':>10} {'-':>10}")  # fmt: skip
             print(f"{n:>9} {res:>5} {backend:>9} {r['ms_forward']:>9.1f} {r['ms_forward_backward']:>11.1f} "
-                  f"{ratios} {r['s_compile_forward'] + r['s_compile_forward_backward']:>10.1f} "
+                  f"{ratios} {r['cpu_ms_forward']:>11.1f} {r['cpu_ms_forward_backward']:>11.1f} "
+                  f"{r['s_compile_forward'] + r['s_compile_forward_backward']:>10.1f} "
                   f"{r['intersections']:>8} {r['coverage']:>6.2f}", flush=True)  # fmt: skip
             if "ms_project" in r:
                 print("          C++ phases, ms per call: " + ", ".join(f"{k} {r['ms_' + k]:.2f}" for k in PHASES))
