@@ -8,8 +8,11 @@ Runs the stages of ``configs/quickstart.py`` that lead to the two training loops
 the evaluations cut to a minimum, then reads each loop's ``metrics.json``: records are
 written every ``--log-every`` steps with a timestamp, and the steady-state rate is the steps
 between the second and the last record over their time difference (the first interval holds
-the compilation). The rasterizer backend is ``"auto"`` (the C++ CPU pass where it is built).
-An existing ``--workdir`` is reused (finished stages are skipped), so delete it to re-measure.
+the compilation); the process CPU time (all threads) over the same interval, sampled every
+0.1 s, gives CPU seconds per step, which other processes on a shared machine disturb far less
+than the wall time (the load average is recorded too). The rasterizer backend is ``"auto"``
+(the C++ CPU pass where it is built).
+``--workdir`` must not hold a finished run.
 Prints a table and writes JSON.
 """
 
@@ -17,11 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
@@ -49,15 +56,39 @@ def config(steps: int, log_every: int):
     return c
 
 
-def steady_rate(metrics: Path) -> dict:
-    """Steps per second between the second and the last record of a metrics.json."""
+class CpuClock:
+    """Samples (wall time, process CPU time) every 0.1 s on a daemon thread."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            self.samples.append((time.time(), time.process_time()))
+
+    def cpu_at(self, wall: float) -> float:
+        walls, cpus = zip(*self.samples)
+        return float(np.interp(wall, walls, cpus))
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def steady_rate(metrics: Path, clock: CpuClock) -> dict:
+    """Steps per second (wall) and CPU seconds per step between the second and the last
+    record of a metrics.json."""
     records = [r for r in json.loads(metrics.read_text())["records"] if "time" in r]
     if len(records) < 3:
         raise SystemExit(f"{metrics}: need at least 3 logged records, got {len(records)} (raise --steps)")
     first, last = records[1], records[-1]
     steps = last["step"] - first["step"]
+    cpu = clock.cpu_at(last["time"]) - clock.cpu_at(first["time"])
     return {"steps": steps, "seconds": last["time"] - first["time"],
-            "steps_per_s": steps / (last["time"] - first["time"])}  # fmt: skip
+            "steps_per_s": steps / (last["time"] - first["time"]), "cpu_s_per_step": cpu / steps}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -68,17 +99,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/out/steps.json")
     args = p.parse_args(argv)
     c = config(args.steps, args.log_every)
+    work = Path(args.workdir)
+    if (work / "refine" / "DONE").exists():
+        raise SystemExit(f"{work} already holds a finished run: delete it to measure")
+    clock = CpuClock()
     for stage in ("data", "teacher", "collect", "pca", "refine"):
         train.run(c, args.workdir, stage)
-    work = Path(args.workdir)
-    rows = {"teacher": steady_rate(work / "teacher" / "metrics.json"),
-            "refine": steady_rate(work / "refine" / "metrics.json")}  # fmt: skip
+    clock.stop()
+    rows = {"teacher": steady_rate(work / "teacher" / "metrics.json", clock),
+            "refine": steady_rate(work / "refine" / "metrics.json", clock)}  # fmt: skip
     device = f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()})"
-    result = {"device": device, "backend": available_backends()[0], "jax": jax.__version__, **rows}
-    print(f"quickstart training steps, {device}, rasterizer backend {result['backend']!r}")
-    print("| loop | steps timed | seconds | steps/s |\n|---|---|---|---|")
+    load = os.getloadavg()[0]
+    result = {"device": device, "backend": available_backends()[0], "jax": jax.__version__, "load_avg_1min": load,
+              **rows}  # fmt: skip
+    print(f"quickstart training steps, {device}, rasterizer backend {result['backend']!r}, load average {load:.1f}")
+    print("| loop | steps timed | seconds | steps/s | CPU s/step |\n|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['steps']} | {r['seconds']:.1f} | {r['steps_per_s']:.2f} |")
+        print(f"| {name} | {r['steps']} | {r['seconds']:.1f} | {r['steps_per_s']:.2f} | {r['cpu_s_per_step']:.3f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
