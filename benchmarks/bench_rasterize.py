@@ -15,7 +15,8 @@ time (first call) is reported separately, and each backend's speed-up over ``ref
 the same size ("× ref"); "cpu ms" is the median process CPU time (all threads) of a call,
 which other processes on a shared machine disturb far less than the wall time. ``--profile`` adds the C++ CPU pass's own phase times (projection,
 depth sort, binning, blending from ``--repeats`` more forward runs; blending backward,
-reduction, projection backward from as many forward+backward runs), per call. Results go to
+reduction, projection backward from as many forward+backward runs), per call, as wall-clock
+and as process CPU time. Results go to
 a table on stdout and a JSON file.
 """
 
@@ -86,14 +87,15 @@ PHASES = ("project", "sort", "bin", "blend", "blend_bwd", "reduce", "project_bwd
 
 
 def cpu_phases() -> np.ndarray:
-    """The C++ pass's phase times in ms since the last call (``gem_frame_profile``), or zeros."""
+    """The C++ pass's phase times in ms since the last call (``gem_frame_profile``): (2, 7),
+    wall clock and process CPU time per phase (zeros without the kernel)."""
     from gem_jax.render import _ffi
 
     library = _ffi._LIBRARIES.get("cpu")
-    out = (ctypes.c_double * len(PHASES))()
+    out = (ctypes.c_double * (2 * len(PHASES)))()
     if library is not None:
         library.gem_frame_profile(out, ctypes.c_int32(1))
-    return np.array(out[:])
+    return np.array(out[:]).reshape(2, len(PHASES))
 
 
 def bench_one(n: int, resolution: int, backend: str, warmup: int, repeats: int, seed: int,
@@ -120,11 +122,12 @@ def bench_one(n: int, resolution: int, backend: str, warmup: int, repeats: int, 
         cpu_phases()
         for _ in range(repeats):
             jax.block_until_ready(forward(g))
-        forward_phases = cpu_phases()[:4] / repeats
+        forward_phases = cpu_phases()[:, :4] / repeats
         for _ in range(repeats):
             jax.block_until_ready(backward(g))
-        backward_phases = cpu_phases()[4:] / repeats
-        extra = {f"ms_{k}": float(v) for k, v in zip(PHASES, np.concatenate([forward_phases, backward_phases]))}
+        phases = np.concatenate([forward_phases, cpu_phases()[:, 4:] / repeats], axis=1)
+        extra = {f"ms_{k}": float(v) for k, v in zip(PHASES, phases[0])}
+        extra |= {f"cpu_ms_{k}": float(v) for k, v in zip(PHASES, phases[1])}
     return extra | {
         "gaussians": n, "resolution": resolution, "backend": backend,
         "ms_forward": 1e3 * t_f, "ms_forward_backward": 1e3 * t_b,
@@ -183,7 +186,9 @@ def main(argv=None) -> int:
                   f"{r['s_compile_forward'] + r['s_compile_forward_backward']:>10.1f} "
                   f"{r['intersections']:>8} {r['coverage']:>6.2f}", flush=True)  # fmt: skip
             if "ms_project" in r:
-                print("          C++ phases, ms per call: " + ", ".join(f"{k} {r['ms_' + k]:.2f}" for k in PHASES))
+                for label, prefix in (("wall", "ms_"), ("CPU", "cpu_ms_")):
+                    print(f"          C++ phases, {label} ms per call: "
+                          + ", ".join(f"{k} {r[prefix + k]:.2f}" for k in PHASES))  # fmt: skip
     meta = {"jax": jax.__version__, "platform": jax.default_backend(), "device": str(jax.devices()[0]),
             "repeats": args.repeats, "warmup": args.warmup, "statistic": "median"}  # fmt: skip
     Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))

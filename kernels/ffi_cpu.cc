@@ -13,6 +13,8 @@
 #include <string>
 #include <thread>
 
+#include <time.h>
+
 #include "blend_cpu.h"
 #include "blend_math.h"
 #include "frame_cpu.h"
@@ -52,30 +54,40 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& body) {
   while (counters->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-// Milliseconds per phase, summed over calls (gem_frame_profile reads them: benchmarks).
+// Wall-clock and process CPU milliseconds per phase, summed over calls (gem_frame_profile
+// reads them: benchmarks). The CPU time counts every thread of the process; while a phase
+// runs, the rest of the XLA computation waits for this call.
 enum Phase : int {
   kPhaseProject, kPhaseSort, kPhaseBin, kPhaseBlend,  // forward
   kPhaseBlendBackward, kPhaseReduce, kPhaseProjectBackward,  // backward
   kPhases
 };
-std::atomic<double> g_phase_ms[kPhases];
+std::atomic<double> g_phase_ms[2][kPhases];  // [0] wall, [1] process CPU
 
-double now_ms() {
+double wall_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+
+double cpu_ms() {
+  timespec t;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return 1e3 * static_cast<double>(t.tv_sec) + 1e-6 * static_cast<double>(t.tv_nsec);
 }
 
 // Adds the time since the previous lap (or construction) to a phase.
 class PhaseClock {
  public:
   void lap(Phase phase) {
-    const double t = now_ms();
-    g_phase_ms[phase].fetch_add(t - last_, std::memory_order_relaxed);
-    last_ = t;
+    const double wall = wall_ms(), cpu = cpu_ms();
+    g_phase_ms[0][phase].fetch_add(wall - wall_, std::memory_order_relaxed);
+    g_phase_ms[1][phase].fetch_add(cpu - cpu_, std::memory_order_relaxed);
+    wall_ = wall;
+    cpu_ = cpu;
   }
 
  private:
-  double last_ = now_ms();
+  double wall_ = wall_ms(), cpu_ = cpu_ms();
 };
 
 constexpr int64_t kProjectChunk = 1024;  // Gaussians per work item of the projection
@@ -355,11 +367,13 @@ ffi::Error frame_backward(
 GEM_EXPORT int32_t gem_blend_abi_version() { return 3; }
 
 // Milliseconds spent per phase since the last reset, summed over calls and cameras: out[0..6]
-// = projection, depth sort, binning, blending; blending backward, reduction, projection
-// backward. For benchmarks (benchmarks/bench_rasterize.py --profile).
+// wall clock and out[7..13] process CPU time of projection, depth sort, binning, blending;
+// blending backward, reduction, projection backward. For benchmarks
+// (benchmarks/bench_rasterize.py --profile).
 GEM_EXPORT void gem_frame_profile(double* out, int32_t reset) {
-  for (int i = 0; i < gem::kPhases; ++i)
-    out[i] = reset ? gem::g_phase_ms[i].exchange(0.0) : gem::g_phase_ms[i].load();
+  for (int k = 0; k < 2; ++k)
+    for (int i = 0; i < gem::kPhases; ++i)
+      out[k * gem::kPhases + i] = reset ? gem::g_phase_ms[k][i].exchange(0.0) : gem::g_phase_ms[k][i].load();
 }
 
 GEM_EXPORT XLA_FFI_Error* GemFrameCountCpu(XLA_FFI_CallFrame* call_frame);
