@@ -13,11 +13,11 @@ the median of ``--repeats`` runs after ``--warmup`` runs, each ended by ``block_
 forward+backward is ``jax.grad`` of an image loss w.r.t. all Gaussian parameters. Compile
 time (first call) is reported separately, and each backend's speed-up over ``reference`` of
 the same size ("× ref"); "cpu ms" is the median process CPU time (all threads) of a call,
-which other processes on a shared machine disturb far less than the wall time. ``--profile`` adds the C++ CPU pass's own phase times (projection,
-depth sort, binning, blending from ``--repeats`` more forward runs; blending backward,
-reduction, projection backward from as many forward+backward runs), per call, as wall-clock
-and as process CPU time. Results go to
-a table on stdout and a JSON file.
+which other processes on a shared machine disturb far less than the wall time.
+``--profile`` adds the C++ CPU pass's own phase times (projection, depth sort, binning,
+blending from ``--repeats`` more forward runs; blending backward, reduction, projection
+backward from as many forward+backward runs), per call, as wall-clock and as process CPU
+time. Results go to a table on stdout and a JSON file.
 """
 
 from __future__ import annotations
