@@ -1,8 +1,8 @@
-// CPU blending kernel of the tile rasterizer: the per-tile loops (DESIGN §9).
+// CPU blending kernel of the tile rasterizer: the per-tile loops (docs/architecture.md §9).
 //
-// Inputs are the tile lists of gem_jax/render/tiles.py: `gaussian_ids` (M,) sorted by
+// Inputs are the per-Gaussian records written by the projection (make_record) and the tile
+// lists of frame_cpu.cc (those of gem_jax/render/tiles.py): `gaussian_ids` (M,) sorted by
 // (tile, depth) and `tile_ranges` (T, 2) = [start, end) per tile, tile id = ty * tiles_x + tx.
-// Any leading batch dimensions (from `vmap`, vmap_method="broadcast_all") are looped over.
 //
 // Layout of the work, chosen so the compiler vectorises it:
 //  * one work item = one 16x16 tile; items are handed out dynamically (an atomic counter) to
@@ -38,57 +38,20 @@ namespace {
 
 constexpr int kPixels = kTileSize * kTileSize;
 constexpr int kHalf = kTileSize / 2;
-constexpr int kBatch = 16;       // Gaussians loaded (and boxed) together
+constexpr int kPrefetch = 8;     // records fetched this many intersections ahead
+constexpr int kLiveCheck = 16;   // finished rows are looked for every kLiveCheck Gaussians
 constexpr float kHuge = 3.0e38f;
 
-// Up to kBatch consecutive intersections of a tile's list, structure of arrays, with the
-// box [xlo, xhi] x [ylo, yhi] outside which each Gaussian has alpha < 1/255.
-struct Batch {
-  alignas(64) float mx[kBatch], my[kBatch], a[kBatch], b[kBatch], c[kBatch], o[kBatch];
-  alignas(64) float cr[kBatch], cg[kBatch], cb[kBatch], z[kBatch];
-  alignas(64) float xlo[kBatch], xhi[kBatch], ylo[kBatch], yhi[kBatch];
-  alignas(64) float bound[kBatch], det[kBatch];  // visible_sigma_bound(o), ac - b^2
-};
-
-// Loads intersections [k0, k0 + count). Entries past `count` or with an id outside [0, N)
-// get opacity 0, hence an empty box. The box: for a positive definite conic the minimum of
-// sigma over y at offset dx is 0.5 dx^2 det / c (over x at dy: 0.5 dy^2 det / a), so beyond
-// |dx| = sqrt(2 c bound / det) nothing passes; widened (0.2%, 0.01 px) against rounding.
-// A conic that is not positive definite gets an unbounded box; NaNs give a box that misses.
-inline void load_batch(const Scene& s, int64_t k0, int count, Batch* B) {
-  for (int i = 0; i < kBatch; ++i) {
-    const int32_t id = i < count ? s.ids[k0 + i] : -1;
-    if (id >= 0 && id < s.n) {
-      B->mx[i] = s.means2d[2 * id];
-      B->my[i] = s.means2d[2 * id + 1];
-      B->a[i] = s.conics[3 * id];
-      B->b[i] = s.conics[3 * id + 1];
-      B->c[i] = s.conics[3 * id + 2];
-      B->o[i] = s.opacities[id];
-      B->cr[i] = s.colors[3 * id];
-      B->cg[i] = s.colors[3 * id + 1];
-      B->cb[i] = s.colors[3 * id + 2];
-      B->z[i] = s.depths[id];
-    } else {
-      B->mx[i] = B->my[i] = B->a[i] = B->b[i] = B->c[i] = B->o[i] = 0.0f;
-      B->cr[i] = B->cg[i] = B->cb[i] = B->z[i] = 0.0f;
-    }
+// The record of intersection k (blend_cpu.h, RecordSlot), or nullptr for an id outside
+// [0, N). The next records are prefetched: the tile lists visit Gaussians in depth order, so
+// their records are scattered over memory.
+inline const float* record_of(const Scene& s, int64_t k, int64_t prefetch) {
+  if (prefetch >= 0 && prefetch < s.m) {
+    const int32_t next = s.ids[prefetch];
+    if (next >= 0 && next < s.n) __builtin_prefetch(s.records + kRecordWidth * static_cast<int64_t>(next));
   }
-  for (int i = 0; i < kBatch; ++i) {
-    const float bound = visible_sigma_bound(B->o[i]);
-    const float det = B->a[i] * B->c[i] - B->b[i] * B->b[i];
-    const bool bounded = (B->a[i] > 0.0f) & (det > 0.0f);
-    const float scale = 2.0f * bound / det;
-    const float ex = std::sqrt(std::fabs(scale * B->c[i])) * 1.002f + 0.01f;
-    const float ey = std::sqrt(std::fabs(scale * B->a[i])) * 1.002f + 0.01f;
-    const bool visible = bound >= 0.0f;
-    B->bound[i] = bound;
-    B->det[i] = det;
-    B->xlo[i] = visible ? (bounded ? B->mx[i] - ex : -kHuge) : kHuge;
-    B->xhi[i] = visible ? (bounded ? B->mx[i] + ex : kHuge) : -kHuge;
-    B->ylo[i] = visible ? (bounded ? B->my[i] - ey : -kHuge) : kHuge;
-    B->yhi[i] = visible ? (bounded ? B->my[i] + ey : kHuge) : -kHuge;
-  }
+  const int32_t id = s.ids[k];
+  return id >= 0 && id < s.n ? s.records + kRecordWidth * static_cast<int64_t>(id) : nullptr;
 }
 
 // [start, end) of a tile's intersections, clamped into [0, M].
@@ -114,19 +77,19 @@ inline bool span(float lo, float hi, float first, int* i0, int* i1) {
 // split AVX-512) of rows [r0, r1) Gaussian i can reach: bit r of *left / *right. At offset dy
 // sigma <= bound is the chord |px - (mx + b dy / a)| <= sqrt(2 a bound - det dy^2) / a
 // (a > 0, det > 0); widened (0.2%, 0.01 px) against rounding. Without a bound: all halves.
-inline void row_halves(const Batch& B, int i, float fx0, float fy0, int r0, int r1,
-                       uint32_t* left, uint32_t* right) {
+inline void row_halves(const float* g, float fx0, float fy0, int r0, int r1, uint32_t* left,
+                       uint32_t* right) {
   const uint32_t band = ((1u << r1) - 1u) & ~((1u << r0) - 1u);
-  const float a = B.a[i], b = B.b[i], det = B.det[i];
+  const float a = g[kRecConicA], b = g[kRecConicB], det = g[kRecDet];
   if (!(a > 0.0f) || !(det > 0.0f)) {
     *left = *right = band;
     return;
   }
-  const float two_a_bound = 2.0f * a * B.bound[i] * 1.002f, inv_a = 1.0f / a;
-  const float b_over_a = b * inv_a, cx = B.mx[i] - fx0;
+  const float two_a_bound = 2.0f * a * g[kRecBound] * 1.002f, inv_a = 1.0f / a;
+  const float b_over_a = b * inv_a, cx = g[kRecMeanX] - fx0;
   uint32_t l_bits = 0, r_bits = 0;
   for (int r = 0; r < kTileSize; ++r) {
-    const float dy = B.my[i] - (fy0 + static_cast<float>(r));
+    const float dy = g[kRecMeanY] - (fy0 + static_cast<float>(r));
     const float disc = two_a_bound - det * dy * dy;
     const float hw = std::sqrt(disc > 0.0f ? disc : 0.0f) * inv_a * 1.002f + 0.01f;
     const float centre = cx + b_over_a * dy;  // chord centre, relative to pixel 0 of the row
@@ -156,12 +119,12 @@ inline float opaque(float x) {
   return x;
 }
 
-// Blends Gaussian i of the batch into the pixels [p0, p0 + 16 * rows) (whole tile rows, one
+// Blends Gaussian g into the pixels [p0, p0 + 16 * rows) (whole tile rows, one
 // loop so consecutive rows overlap in the pipeline). dx0, dy0: offsets at pixel p0.
-inline void forward_rows(ForwardState& st, const Batch& B, int i, int p0, int rows, float dx0,
-                         float dy0, int32_t rank) {
-  const float a = B.a[i], b = B.b[i], c = B.c[i], o = B.o[i];
-  const float cr = B.cr[i], cg = B.cg[i], cb = B.cb[i], z = B.z[i];
+inline void forward_rows(ForwardState& st, const float* g, int p0, int rows, float dx0, float dy0,
+                         int32_t rank) {
+  const float a = g[kRecConicA], b = g[kRecConicB], c = g[kRecConicC], o = g[kRecOpacity];
+  const float cr = g[kRecColorR], cg = g[kRecColorG], cb = g[kRecColorB], z = g[kRecDepth];
   const float zero = opaque(0.0f);
   for (int r = 0; r < rows; ++r) {
     const float dy = dy0 - static_cast<float>(r);
@@ -197,11 +160,42 @@ inline void row_lanes(uint32_t left, uint32_t right, int r, int* l0, int* width)
 
 }  // namespace
 
+// The box: for a positive definite conic the minimum of sigma over y at offset dx is
+// 0.5 dx^2 det / c (over x at dy: 0.5 dy^2 det / a), so beyond |dx| = sqrt(2 c bound / det)
+// nothing passes; widened (0.2%, 0.01 px) against rounding. A conic that is not positive
+// definite gets an unbounded box; NaNs give a box that misses.
+void make_record(const float* mean2d, const float* conic, const float* color, float opacity,
+                 float depth, float* rec) {
+  const float mx = mean2d[0], my = mean2d[1], a = conic[0], b = conic[1], c = conic[2];
+  const float bound = visible_sigma_bound(opacity);
+  const float det = a * c - b * b;
+  const bool bounded = (a > 0.0f) & (det > 0.0f);
+  const float scale = 2.0f * bound / det;
+  const float ex = std::sqrt(std::fabs(scale * c)) * 1.002f + 0.01f;
+  const float ey = std::sqrt(std::fabs(scale * a)) * 1.002f + 0.01f;
+  const bool visible = bound >= 0.0f;
+  rec[kRecMeanX] = mx;
+  rec[kRecMeanY] = my;
+  rec[kRecConicA] = a;
+  rec[kRecConicB] = b;
+  rec[kRecConicC] = c;
+  rec[kRecOpacity] = opacity;
+  rec[kRecColorR] = color[0];
+  rec[kRecColorG] = color[1];
+  rec[kRecColorB] = color[2];
+  rec[kRecDepth] = depth;
+  rec[kRecXlo] = visible ? (bounded ? mx - ex : -kHuge) : kHuge;
+  rec[kRecXhi] = visible ? (bounded ? mx + ex : kHuge) : -kHuge;
+  rec[kRecYlo] = visible ? (bounded ? my - ey : -kHuge) : kHuge;
+  rec[kRecYhi] = visible ? (bounded ? my + ey : kHuge) : -kHuge;
+  rec[kRecBound] = bound;
+  rec[kRecDet] = det;
+}
+
 GEM_CLONES void forward_tile(const Scene& s, int64_t tile, const ForwardOut& out) {
   const int x0 = static_cast<int>(tile % s.tiles_x) * kTileSize;
   const int y0 = static_cast<int>(tile / s.tiles_x) * kTileSize;
   ForwardState st;
-  Batch B;
   uint32_t live_rows = 0;  // bit r: row r still has pixels blending
   for (int r = 0; r < kTileSize; ++r) {
     for (int l = 0; l < kTileSize; ++l) {
@@ -216,25 +210,25 @@ GEM_CLONES void forward_tile(const Scene& s, int64_t tile, const ForwardOut& out
   int64_t start, end;
   tile_range(s, tile, &start, &end);
   const float fx0 = static_cast<float>(x0) + 0.5f, fy0 = static_cast<float>(y0) + 0.5f;
-  for (int64_t k0 = start; k0 < end && live_rows != 0; k0 += kBatch) {
-    const int count = static_cast<int>(std::min<int64_t>(kBatch, end - k0));
-    load_batch(s, k0, count, &B);
-    for (int i = 0; i < count; ++i) {
-      int r0, r1, c0, c1;
-      if (!span(B.ylo[i], B.yhi[i], fy0, &r0, &r1) || !span(B.xlo[i], B.xhi[i], fx0, &c0, &c1))
-        continue;
+  for (int64_t k = start; k < end && live_rows != 0; ++k) {
+    const float* g = record_of(s, k, k + kPrefetch);
+    int r0, r1, c0, c1;
+    if (g != nullptr && span(g[kRecYlo], g[kRecYhi], fy0, &r0, &r1) &&
+        span(g[kRecXlo], g[kRecXhi], fx0, &c0, &c1)) {
       uint32_t left, right;
-      row_halves(B, i, fx0, fy0, r0, r1, &left, &right);
+      row_halves(g, fx0, fy0, r0, r1, &left, &right);
       // From the first to the last reachable live row, whole rows in one loop (rows in
       // between that are dead or out of reach are masked per pixel): no unpredictable
       // branches in the forward pass.
       const uint32_t rows = (left | right) & live_rows;
-      if (rows == 0) continue;
-      const int first = std::countr_zero(rows), stop = 32 - std::countl_zero(rows);
-      const int32_t rank = static_cast<int32_t>(k0 + i - start + 1);
-      forward_rows(st, B, i, first * kTileSize, stop - first, B.mx[i] - fx0,
-                   B.my[i] - (fy0 + static_cast<float>(first)), rank);
+      if (rows != 0) {
+        const int first = std::countr_zero(rows), stop = 32 - std::countl_zero(rows);
+        const int32_t rank = static_cast<int32_t>(k - start + 1);
+        forward_rows(st, g, first * kTileSize, stop - first, g[kRecMeanX] - fx0,
+                     g[kRecMeanY] - (fy0 + static_cast<float>(first)), rank);
+      }
     }
+    if ((k - start) % kLiveCheck != kLiveCheck - 1) continue;
     for (uint32_t rows = live_rows; rows != 0; rows &= rows - 1) {  // drop finished rows
       const int r = std::countr_zero(rows);
       int any = 0;
@@ -242,18 +236,23 @@ GEM_CLONES void forward_tile(const Scene& s, int64_t tile, const ForwardOut& out
       if (!any) live_rows &= ~(1u << r);
     }
   }
-  const float* bg = s.background;
-  for (int r = 0; r < kTileSize && y0 + r < s.height; ++r) {
-    for (int l = 0; l < kTileSize && x0 + l < s.width; ++l) {
-      const int p = r * kTileSize + l;
-      const int64_t q = static_cast<int64_t>(y0 + r) * s.width + (x0 + l);
-      out.image[3 * q] = st.C0[p] + st.T[p] * bg[0];
-      out.image[3 * q + 1] = st.C1[p] + st.T[p] * bg[1];
-      out.image[3 * q + 2] = st.C2[p] + st.T[p] * bg[2];
-      out.alpha[q] = 1.0f - st.T[p];
-      out.depth[q] = st.D[p];
-      out.transmittance[q] = st.T[p];
-      out.last[q] = st.last[p];
+  const float bg0 = s.background[0], bg1 = s.background[1], bg2 = s.background[2];
+  const int rows = std::min(kTileSize, s.height - y0), cols = std::min(kTileSize, s.width - x0);
+  for (int r = 0; r < rows; ++r) {  // interior tiles: whole rows, vectorised
+    const int p = r * kTileSize;
+    const int64_t q = static_cast<int64_t>(y0 + r) * s.width + x0;
+    const int width = cols == kTileSize ? kTileSize : cols;
+    for (int l = 0; l < width; ++l) {
+      out.image[3 * (q + l)] = st.C0[p + l] + st.T[p + l] * bg0;
+      out.image[3 * (q + l) + 1] = st.C1[p + l] + st.T[p + l] * bg1;
+      out.image[3 * (q + l) + 2] = st.C2[p + l] + st.T[p + l] * bg2;
+      out.alpha[q + l] = 1.0f - st.T[p + l];
+      out.depth[q + l] = st.D[p + l];
+    }
+    if (out.transmittance == nullptr) continue;  // no backward will follow
+    for (int l = 0; l < width; ++l) {
+      out.transmittance[q + l] = st.T[p + l];
+      out.last[q + l] = st.last[p + l];
     }
   }
 }
@@ -268,13 +267,13 @@ struct BackwardState {
   float bg[3];
 };
 
-// Un-blends Gaussian i of the batch from kLanes pixels of one row (starting at pixel p0,
+// Un-blends Gaussian g from kLanes pixels of one row (starting at pixel p0,
 // lane l0), adding its gradient terms into st.acc.
 template <int kLanes>
-inline void backward_lanes(BackwardState& st, const Batch& B, int i, int p0, int l0, float dx0,
-                           float dy, int32_t rank) {
-  const float a = B.a[i], b = B.b[i], c = B.c[i], o = B.o[i];
-  const float cr = B.cr[i], cg = B.cg[i], cb = B.cb[i], z = B.z[i];
+inline void backward_lanes(BackwardState& st, const float* g, int p0, int l0, float dx0, float dy,
+                           int32_t rank) {
+  const float a = g[kRecConicA], b = g[kRecConicB], c = g[kRecConicC], o = g[kRecOpacity];
+  const float cr = g[kRecColorR], cg = g[kRecColorG], cb = g[kRecColorB], z = g[kRecDepth];
   const float one = opaque(1.0f);
   for (int l = 0; l < kLanes; ++l) {
     const int p = p0 + l;
@@ -300,12 +299,10 @@ inline void backward_lanes(BackwardState& st, const Batch& B, int i, int p0, int
 
 }  // namespace
 
-GEM_CLONES void backward_tile(const Scene& s, const BackwardIn& in, int64_t tile,
-                              float* records) {
+GEM_CLONES void backward_tile(const Scene& s, const BackwardIn& in, int64_t tile, float* grads) {
   const int x0 = static_cast<int>(tile % s.tiles_x) * kTileSize;
   const int y0 = static_cast<int>(tile / s.tiles_x) * kTileSize;
   BackwardState st;
-  Batch B;
   int row_last[kTileSize];
   int tile_last = 0;
   for (int r = 0; r < kTileSize; ++r) {
@@ -330,44 +327,41 @@ GEM_CLONES void backward_tile(const Scene& s, const BackwardIn& in, int64_t tile
   int64_t start, end;
   tile_range(s, tile, &start, &end);
   const int64_t stop = start + std::min<int64_t>(tile_last, end - start);
-  std::fill(records + kGradWidth * start, records + kGradWidth * end, 0.0f);
+  std::fill(grads + kGradWidth * start, grads + kGradWidth * end, 0.0f);
   const float fx0 = static_cast<float>(x0) + 0.5f, fy0 = static_cast<float>(y0) + 0.5f;
-  for (int64_t k1 = stop; k1 > start; k1 -= kBatch) {  // batches, back to front
-    const int64_t k0 = std::max<int64_t>(start, k1 - kBatch);
-    const int count = static_cast<int>(k1 - k0);
-    load_batch(s, k0, count, &B);
-    for (int i = count - 1; i >= 0; --i) {
-      int r0, r1, c0, c1;
-      if (!span(B.ylo[i], B.yhi[i], fy0, &r0, &r1) || !span(B.xlo[i], B.xhi[i], fx0, &c0, &c1))
-        continue;
-      const int32_t rank = static_cast<int32_t>(k0 + i - start + 1);  // 1 + index in list
-      uint32_t reach = 0;  // rows with pixels whose last contributor is at or behind this one
-      for (int r = r0; r < r1; ++r) reach |= static_cast<uint32_t>(row_last[r] >= rank) << r;
-      if (reach == 0) continue;
-      uint32_t left, right;
-      row_halves(B, i, fx0, fy0, r0, r1, &left, &right);
-      uint32_t rows = (left | right) & reach;
-      if (rows == 0) continue;
-      std::fill(&st.acc[0][0], &st.acc[0][0] + kGradWidth * kTileSize, 0.0f);
-      const float dx0 = B.mx[i] - fx0;
-      for (; rows != 0; rows &= rows - 1) {
-        const int r = std::countr_zero(rows);
-        const float dy = B.my[i] - (fy0 + static_cast<float>(r));
-        int l0, width;
-        row_lanes(left, right, r, &l0, &width);
-        const int p0 = r * kTileSize + l0;
-        const float dx = dx0 - static_cast<float>(l0);
-        if (width == kTileSize)
-          backward_lanes<kTileSize>(st, B, i, p0, 0, dx, dy, rank);
-        else
-          backward_lanes<kHalf>(st, B, i, p0, l0, dx, dy, rank);
-      }
-      float* record = records + kGradWidth * (k0 + i);
-      for (int j = 0; j < kGradWidth; ++j) {
-        float sum = 0.0f;
-        for (int l = 0; l < kTileSize; ++l) sum += st.acc[j][l];
-        record[j] = sum;
-      }
+  for (int64_t k = stop - 1; k >= start; --k) {  // back to front
+    const float* g = record_of(s, k, k - kPrefetch);
+    int r0, r1, c0, c1;
+    if (g == nullptr || !span(g[kRecYlo], g[kRecYhi], fy0, &r0, &r1) ||
+        !span(g[kRecXlo], g[kRecXhi], fx0, &c0, &c1))
+      continue;
+    const int32_t rank = static_cast<int32_t>(k - start + 1);  // 1 + index in list
+    uint32_t reach = 0;  // rows with pixels whose last contributor is at or behind this one
+    for (int r = r0; r < r1; ++r) reach |= static_cast<uint32_t>(row_last[r] >= rank) << r;
+    if (reach == 0) continue;
+    uint32_t left, right;
+    row_halves(g, fx0, fy0, r0, r1, &left, &right);
+    uint32_t rows = (left | right) & reach;
+    if (rows == 0) continue;
+    std::fill(&st.acc[0][0], &st.acc[0][0] + kGradWidth * kTileSize, 0.0f);
+    const float dx0 = g[kRecMeanX] - fx0;
+    for (; rows != 0; rows &= rows - 1) {
+      const int r = std::countr_zero(rows);
+      const float dy = g[kRecMeanY] - (fy0 + static_cast<float>(r));
+      int l0, width;
+      row_lanes(left, right, r, &l0, &width);
+      const int p0 = r * kTileSize + l0;
+      const float dx = dx0 - static_cast<float>(l0);
+      if (width == kTileSize)
+        backward_lanes<kTileSize>(st, g, p0, 0, dx, dy, rank);
+      else
+        backward_lanes<kHalf>(st, g, p0, l0, dx, dy, rank);
+    }
+    float* record = grads + kGradWidth * k;
+    for (int j = 0; j < kGradWidth; ++j) {
+      float sum = 0.0f;
+      for (int l = 0; l < kTileSize; ++l) sum += st.acc[j][l];
+      record[j] = sum;
     }
   }
 }

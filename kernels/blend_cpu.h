@@ -1,5 +1,5 @@
-// CPU tile loops of the blending kernel (DESIGN §9): what blend_cpu.cc implements and
-// ffi_cpu.cc (the XLA FFI handlers) calls. Pointers refer to one batch element.
+// CPU tile loops of the blending kernel (docs/architecture.md §9): what blend_cpu.cc
+// implements and ffi_cpu.cc (the XLA FFI handlers) calls. Pointers refer to one camera.
 #pragma once
 
 #include <cstdint>
@@ -12,23 +12,40 @@
 
 namespace gem {
 
-// One batch element's inputs (pointers into the FFI buffers).
+// Per-Gaussian record of the tile loops: the projected Gaussian and its culling box
+// [xlo, xhi] x [ylo, yhi], outside which its alpha is below 1/255 (make_record). Written once
+// per Gaussian by the projection, read by every tile the Gaussian is listed in.
+enum RecordSlot : int {
+  kRecMeanX = 0, kRecMeanY = 1,
+  kRecConicA = 2, kRecConicB = 3, kRecConicC = 4,
+  kRecOpacity = 5, kRecColorR = 6, kRecColorG = 7, kRecColorB = 8, kRecDepth = 9,
+  kRecXlo = 10, kRecXhi = 11, kRecYlo = 12, kRecYhi = 13,
+  kRecBound = 14,  // visible_sigma_bound(opacity)
+  kRecDet = 15,    // a c - b^2
+};
+constexpr int kRecordWidth = 16;
+
+// Fills one record (kRecordWidth floats). A Gaussian with opacity 0 (culled) gets a box
+// that misses every pixel.
+GEM_INTERNAL void make_record(const float* mean2d, const float* conic, const float* color,
+                              float opacity, float depth, float* record);
+
+// One camera's inputs of the tile loops (pointers into the FFI buffers).
 struct Scene {
-  const float* means2d;     // (N, 2)
-  const float* conics;      // (N, 3)
-  const float* colors;      // (N, 3)
-  const float* opacities;   // (N,)
-  const float* depths;      // (N,)
+  const float* records;     // (N, kRecordWidth)
   const float* background;  // (3,)
-  const int32_t* ids;       // (M,)
-  const int32_t* ranges;    // (T, 2)
+  const int32_t* ids;       // (M,) tile lists, per tile front to back
+  const int32_t* ranges;    // (T, 2) [start, end) per tile
   int64_t n, m;
   int width, height, tiles_x;
 };
 
 struct ForwardOut {
-  float *image, *alpha, *depth, *transmittance;  // (H, W, 3), (H, W) x 3
-  int32_t* last;                                 // (H, W): 1 + index in the tile's list
+  float *image, *alpha, *depth;  // (H, W, 3), (H, W), (H, W)
+  // What the backward needs, or both nullptr (not written): final transmittance (H, W) and
+  // last contributor (H, W), 1 + index in the tile's list.
+  float* transmittance;
+  int32_t* last;
 };
 
 struct BackwardIn {

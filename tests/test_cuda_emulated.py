@@ -3,9 +3,9 @@
 Specification (docs/architecture.md §9): ``backend="cuda-emulated"`` is the CUDA kernel's own
 source, compiled against kernels/simt_emulator.h, so these tests check the GPU kernel's logic
 (tiles of 16×16 threads, shared-memory batches of 256, the early exit, the warp reductions and
-atomics of the backward) on every CI run. Its forward and gradients equal the float64 oracle,
-the reference backend and the CPU kernel on fresh random scenes (the CPU kernel's float32
-tolerances); the forward is bit-identical under two emulator seeds (thread and block orders),
+atomics of the backward) on every CI run. Its forward and gradients equal the float64 oracle
+and the reference blending on fresh random scenes, and through ``rasterize`` the reference
+backend and the CPU pass (float32 tolerances); the forward is bit-identical under two emulator seeds (thread and block orders),
 the gradients agree to float32 rounding (the atomics' order changes); it works under jit,
 vmap and grad, through ``rasterize``; ``"auto"`` never picks it.
 """
@@ -36,7 +36,7 @@ from blend_scenes import (
     tile_lists,
 )
 
-from gem_jax.render import _ffi
+from gem_jax.render import _ffi, reference
 
 SEED_VARIABLE = "GEM_JAX_SIMT_SEED"
 
@@ -80,13 +80,12 @@ def assert_forward_close(got, want, label=""):
 
 
 @pytest.mark.parametrize("name", EMULATED_SCENES)
-def test_forward_matches_oracle_and_cpu_kernel(name):
+def test_forward_matches_oracle_and_reference(name):
     args, width, height, _ = scene_args(name)
     got = _ffi.blend_tiles_cuda_emulated(*args, width, height)
     assert float(jnp.max(got[1])) > 0.1, "the scene must not be empty"
     assert_forward_close(got, oracle64(args, width, height), "oracle: ")
-    if _ffi.HAS_CPU_KERNEL:
-        assert_forward_close(got, _ffi.blend_tiles_cpu(*args, width, height), "cpu kernel: ")
+    assert_forward_close(got, reference.blend_tiles(*args, width, height), "reference: ")
 
 
 def test_scene_set_covers_the_kernel_paths():
@@ -155,19 +154,16 @@ def test_empty_scene_is_background():
 
 
 @pytest.mark.parametrize("name", ["odd-size", "long-lists", "dense-opaque", "needles", "saturated"])
-def test_gradients_match_the_cpu_kernel(name):
-    if not _ffi.HAS_CPU_KERNEL:
-        pytest.skip(_ffi.build_instructions("cpu"))
+def test_gradients_match_the_reference(name):
     args, width, height, rng = scene_args(name, seed_offset=7)
     cots = random_cotangents(rng, width, height)
     got = blend_grads(_ffi.blend_tiles_cuda_emulated, args, cots, width, height)
     assert all(np.abs(g).max() > 0 for g in got), "every gradient must be non-trivial"
-    assert_grads_close(got, blend_grads(_ffi.blend_tiles_cpu, args, cots, width, height))
+    assert_grads_close(got, blend_grads(reference.blend_tiles, args, cots, width, height))
 
 
 def test_gradients_match_the_oracle():
-    """Against the float64 oracle on a scene where most pixels stop early (the CPU kernel is
-    compared with the oracle on every scene kind in test_ffi_cpu.py)."""
+    """Against the float64 oracle on a scene where most pixels stop early."""
     args, width, height, rng = scene_args("dense-opaque", seed_offset=9)
     cots = random_cotangents(rng, width, height)
     got = blend_grads(_ffi.blend_tiles_cuda_emulated, args, cots, width, height)
@@ -193,8 +189,10 @@ def test_jit_vmap_and_grad_through_the_kernel():
     check_jit_vmap_and_grad(_ffi.blend_tiles_cuda_emulated, rtol=1e-4, atol=1e-5)
 
 
-def test_rasterize_backend_matches_reference():
+def test_rasterize_backend_matches_reference_and_the_cpu_pass():
     assert_rasterize_matches_reference("cuda-emulated")
+    if _ffi.HAS_CPU_KERNEL:
+        assert_rasterize_matches_reference("cuda-emulated", against="cpu")
 
 
 def test_auto_never_picks_the_emulator():

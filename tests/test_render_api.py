@@ -4,7 +4,8 @@ Specification (DESIGN §9): gradients through the whole rasterizer pass ``check_
 float64 for means, quats, scales, opacities, colors, background and the camera pose, and the
 tile path's float32 gradients equal the dense oracle's; the intersection capacity is exact
 when left to ``rasterize`` on concrete inputs, an explicit capacity that overflows is an error
-eagerly and a reported count plus a warning under ``jit``, never a silent drop; unknown or
+eagerly and a reported count plus a warning under ``jit``, never a silent drop (for the
+reference and the C++ CPU backend alike); unknown or
 unbuilt backends fail with a message saying how to build them, ``auto`` falls back to the
 reference path; a batched Camera, ``jax.vmap`` and ``jax.jit`` give the per-camera results.
 """
@@ -101,14 +102,22 @@ def test_float32_rasterize_gradients_reference_equal_dense():
 # --- capacity ---------------------------------------------------------------------------------
 
 
-def test_capacity_none_is_exact_on_concrete_inputs():
+# the capacity contract holds for every backend with tile lists
+LIST_BACKENDS = [
+    "reference",
+    pytest.param("cpu", marks=pytest.mark.skipif("cpu" not in available_backends(), reason="C++ CPU kernel not built")),
+]
+
+
+@pytest.mark.parametrize("backend", LIST_BACKENDS)
+def test_capacity_none_is_exact_on_concrete_inputs(backend):
     g, cam, bg = generic_scene()
-    total = count_intersections(g, cam)
+    total = count_intersections(g, cam, backend=backend)
     assert total > 100
-    out = rasterize(g, cam, bg, backend="reference")
+    out = rasterize(g, cam, bg, backend=backend)
     assert int(out.stats["num_intersections"]) == total and int(out.stats["overflow"]) == 0
     # and under eager jax.grad too (the count is taken from the primal values)
-    v = jax.grad(lambda o: rasterize(g.replace(opacities=o), cam, bg, backend="reference").alpha.sum())(g.opacities)
+    v = jax.grad(lambda o: rasterize(g.replace(opacities=o), cam, bg, backend=backend).alpha.sum())(g.opacities)
     assert np.isfinite(np.asarray(v)).all() and np.abs(np.asarray(v)).max() > 0
 
 
@@ -119,17 +128,19 @@ def test_round_capacity():
     assert len({round_capacity(n) for n in range(1000, 2000)}) <= 9  # few static shapes
 
 
-def test_explicit_capacity_overflow_is_an_error_eagerly():
+@pytest.mark.parametrize("backend", LIST_BACKENDS)
+def test_explicit_capacity_overflow_is_an_error_eagerly(backend):
     g, cam, bg = generic_scene()
-    total = count_intersections(g, cam)
+    total = count_intersections(g, cam, backend=backend)
     with pytest.raises(CapacityOverflowError, match=f"{total} tile intersections exceed capacity=100"):
-        rasterize(g, cam, bg, backend="reference", capacity=100)
+        rasterize(g, cam, bg, backend=backend, capacity=100)
 
 
-def test_overflow_under_jit_is_reported_and_warned():
+@pytest.mark.parametrize("backend", LIST_BACKENDS)
+def test_overflow_under_jit_is_reported_and_warned(backend):
     g, cam, bg = generic_scene()
-    total = count_intersections(g, cam)
-    render = jax.jit(lambda g: rasterize(g, cam, bg, backend="reference", capacity=100).stats)
+    total = count_intersections(g, cam, backend=backend)
+    render = jax.jit(lambda g: rasterize(g, cam, bg, backend=backend, capacity=100).stats)
     with pytest.warns(RuntimeWarning, match="dropped"):
         stats = jax.block_until_ready(render(g))
         jax.effects_barrier()
@@ -185,7 +196,7 @@ def test_batched_camera_vmap_and_jit_give_per_camera_results():
     bgs = jnp.asarray(rng.uniform(0, 1, (3, 3)), jnp.float32)
     singles = [rasterize(g, c, b, backend="reference") for c, b in zip(cams, bgs)]
     batched = rasterize(g, batch, bgs, backend="reference")  # capacity from the busiest camera
-    capacity = max(count_intersections(g, c) for c in cams)
+    capacity = max(count_intersections(g, c, backend="reference") for c in cams)
     vmapped = jax.jit(jax.vmap(lambda c, b: rasterize(g, c, b, backend="reference", capacity=capacity)))(batch, bgs)
     assert batched.image.shape == (3, cam0.height, cam0.width, 3)
     for i, s in enumerate(singles):

@@ -1,19 +1,20 @@
-"""Compiled blending kernels through the XLA FFI (DESIGN §9, layer 3; CONVENTIONS 6 and 7).
+"""Compiled rasterizer kernels through the XLA FFI (docs/architecture.md §9).
 
 The kernels (``kernels/``, built by ``pip install .``) are plain shared libraries in the
-package ``gem_jax_kernels``; this module loads them with ctypes, registers their XLA FFI
-handlers with ``jax.ffi.register_ffi_target`` and wraps them in a ``jax.custom_vjp``:
+package ``gem_jax_kernels``; this module loads them with ctypes and registers their XLA FFI
+handlers with ``jax.ffi.register_ffi_target``:
 
-* :func:`blend_tiles_cpu` — the same signature and results as
-  ``gem_jax.render.reference.blend_tiles``; its forward keeps the residuals the backward needs
-  (final transmittance and the last contributor of every pixel), its backward walks each
-  pixel back to front (3DGS / gsplat) and returns gradients for every float input (``None``
-  for the integer tile lists).
-* :func:`blend_tiles_cuda` — the same through the CUDA kernel (``kernels/blend_cuda.cu``, FFI
-  platform ``CUDA``), and :func:`blend_tiles_cuda_emulated` — that same CUDA source compiled
-  against the SIMT emulator (``kernels/simt_emulator.h``) as a CPU target: a slow test backend
-  that runs the CUDA kernel's own logic without a GPU. The emulator's thread order comes from
-  the environment variable ``GEM_JAX_SIMT_SEED`` (read at every call; default 1).
+* the CPU frame pass (``gem_frame_{count,forward,backward}_cpu``: projection, tile lists and
+  blending in one call per direction), wrapped in a ``jax.custom_vjp`` by
+  :mod:`gem_jax.render.cpu_frame`;
+* :func:`blend_tiles_cuda` — blending of ``gem_jax.render.reference.blend_tiles``'s tile lists
+  with the CUDA kernel (``kernels/blend_cuda.cu``, FFI platform ``CUDA``), and
+  :func:`blend_tiles_cuda_emulated` — that same CUDA source compiled against the SIMT emulator
+  (``kernels/simt_emulator.h``) as a CPU target: a slow test backend that runs the CUDA kernel's
+  own logic without a GPU. The emulator's thread order comes from the environment variable
+  ``GEM_JAX_SIMT_SEED`` (read at every call; default 1). Both keep the residuals the backward
+  needs (final transmittance, last contributor of every pixel) and walk each pixel back to
+  front (3DGS / gsplat) in the backward;
 * ``HAS_CPU_KERNEL`` / ``HAS_CUDA_KERNEL`` / ``HAS_CUDA_EMULATED_KERNEL`` — what was built and
   loaded (the CUDA kernel only where jax has a GPU backend); :func:`build_instructions` /
   :func:`require_kernel` — the error for a missing backend.
@@ -41,7 +42,6 @@ __all__ = [
     "HAS_CUDA_EMULATED_KERNEL",
     "HAS_CUDA_KERNEL",
     "KernelNotBuiltError",
-    "blend_tiles_cpu",
     "blend_tiles_cuda",
     "blend_tiles_cuda_emulated",
     "build_instructions",
@@ -49,12 +49,15 @@ __all__ = [
 ]
 
 TILE_SIZE = 16
-_ABI_VERSION = 1  # must equal gem_blend_abi_version() in kernels/ffi_cpu.cc and blend_cuda.cu
+#: backend -> the gem_blend_abi_version() its library must return (kernels/ffi_cpu.cc for the CPU
+#: pass, kernels/blend_cuda.cu for both CUDA builds); bumped when a handler's operands change.
+_ABI_VERSIONS = {"cpu": 3, "cuda": 1, "cuda_emulated": 1}
 _PLATFORMS = {"cpu": "cpu", "cuda": "CUDA", "cuda_emulated": "cpu"}
 _HANDLERS = {  # backend -> {FFI target name: exported C symbol}
     "cpu": {
-        "gem_blend_forward_cpu": "GemBlendForwardCpu",
-        "gem_blend_backward_cpu": "GemBlendBackwardCpu",
+        "gem_frame_count_cpu": "GemFrameCountCpu",
+        "gem_frame_forward_cpu": "GemFrameForwardCpu",
+        "gem_frame_backward_cpu": "GemFrameBackwardCpu",
     },
     "cuda": {
         "gem_blend_forward_cuda": "GemBlendForwardCuda",
@@ -65,7 +68,6 @@ _HANDLERS = {  # backend -> {FFI target name: exported C symbol}
         "gem_blend_backward_cuda_emulated": "GemBlendBackwardCudaEmulated",
     },
 }
-_RECORDS = {"cpu"}  # backends whose backward returns the (M, 10) scratch of gradient records
 _LIBRARIES: dict[str, ctypes.CDLL] = {}  # keeps the loaded libraries alive
 
 
@@ -112,8 +114,9 @@ def _load(backend: str) -> str | None:
         library = ctypes.CDLL(str(path))
         library.gem_blend_abi_version.restype = ctypes.c_int32
         version = library.gem_blend_abi_version()
-        if version != _ABI_VERSION:
-            return f"{path} has kernel ABI {version}, this gem_jax expects {_ABI_VERSION} (stale build)"
+        if version != _ABI_VERSIONS[backend]:
+            return (f"{path} has kernel ABI {version}, this gem_jax expects {_ABI_VERSIONS[backend]} "
+                    "(stale build: rerun pip install)")
         if _PLATFORMS[backend] == "CUDA" and (gpu_problem := _jax_gpu_problem()) is not None:
             return (f"{path} is built, but no GPU backend in jax ({gpu_problem}); it needs a CUDA GPU and "
                     'jax with CUDA support (`pip install "jax[cuda13]"`)')
@@ -194,7 +197,7 @@ def _blend_bwd(width, height, kind, residuals, cotangents):
     *inputs, transmittance, last = residuals
     means2d, _, _, _, _, _, ids, _ = inputs
     v_image, v_alpha, v_depth = (jnp.asarray(c, jnp.float32) for c in cotangents)
-    n, m = means2d.shape[0], ids.shape[0]
+    n = means2d.shape[0]
     f32 = jnp.float32
     shapes = (
         jax.ShapeDtypeStruct((n, 2), f32),  # v_means2d
@@ -203,13 +206,11 @@ def _blend_bwd(width, height, kind, residuals, cotangents):
         jax.ShapeDtypeStruct((n,), f32),  # v_opacities
         jax.ShapeDtypeStruct((n,), f32),  # v_depths
     )
-    if kind in _RECORDS:  # scratch: one gradient record per intersection
-        shapes += (jax.ShapeDtypeStruct((m, 10), f32),)
     call = jax.ffi.ffi_call(f"gem_blend_backward_{kind}", shapes, vmap_method="broadcast_all")
     v_means2d, v_conics, v_colors, v_opacities, v_depths = call(
         *inputs, transmittance, last, v_image, v_alpha, v_depth,
         width=np.int32(width), height=np.int32(height),
-    )[:5]  # fmt: skip
+    )  # fmt: skip
     # d image / d background = final transmittance, per pixel and channel.
     v_background = jnp.einsum("hw,hwc->c", transmittance, v_image)
     return v_means2d, v_conics, v_colors, v_opacities, v_depths, v_background, None, None
@@ -271,25 +272,17 @@ def _blend_function(kind: str, doc: str):
     return blend_tiles
 
 
-blend_tiles_cpu = _blend_function(
-    "cpu",
-    """Front-to-back alpha blending of 16x16 tiles with the C++ CPU kernel (docs/architecture.md §9).
-
-    Same contract as ``reference.blend_tiles``: ``means2d`` pixel coordinates (N, 2),
-    ``conics`` (a, b, c) of the inverse 2D covariance (N, 3), ``colors`` (N, 3),
-    ``opacities`` (N,), ``depths`` (N,), ``background`` (3,), ``gaussian_ids`` (M,) sorted by
-    (tile, depth), ``tile_ranges`` (T, 2) = [start, end) per tile with tile id
+blend_tiles_cuda = _blend_function(
+    "cuda",
+    """Front-to-back alpha blending of 16x16 tiles on a CUDA GPU (``kernels/blend_cuda.cu``,
+    docs/architecture.md §9), with ``reference.blend_tiles``'s contract: ``means2d`` pixel
+    coordinates (N, 2), ``conics`` (a, b, c) of the inverse 2D covariance (N, 3), ``colors``
+    (N, 3), ``opacities`` (N,), ``depths`` (N,), ``background`` (3,), ``gaussian_ids`` (M,)
+    sorted by (tile, depth), ``tile_ranges`` (T, 2) = [start, end) per tile with tile id
     ``ty * ceil(W/16) + tx``; ``width`` and ``height`` static. Returns ``image`` (H, W, 3),
     ``alpha`` (H, W) = 1 - final transmittance and ``depth`` (H, W) (alpha-weighted sum).
     Differentiable in every float input; ``jit`` and ``vmap`` work (batch in one call).
-    Gradients are deterministic (one record per intersection, then a sum in list order).
-    """,
-)
-
-blend_tiles_cuda = _blend_function(
-    "cuda",
-    """:func:`blend_tiles_cpu`'s contract on a CUDA GPU (``kernels/blend_cuda.cu``,
-    docs/architecture.md §9): one thread block per 16×16 tile; the backward sums each Gaussian's
+    One thread block per 16×16 tile; the backward sums each Gaussian's
     gradient over a warp and adds it with atomics, so gradients agree to float32 rounding between
     runs, not bit for bit. Needs a GPU backend in jax (``HAS_CUDA_KERNEL``).""",
 )

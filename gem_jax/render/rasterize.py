@@ -7,11 +7,14 @@ static capacity (``tiles.py``) and front-to-back blending by a *backend*:
   CPU fallback; any float dtype);
 * ``"dense"`` — :func:`gem_jax.render.reference.blend_dense` restricted to the same tiles, the
   autodiff oracle (memory O(N·H·W): tiny scenes only; ignores ``capacity``);
-* ``"cpu"`` / ``"cuda"`` — the compiled kernels of ``gem_jax.render._ffi`` (float32), looked up
-  lazily; asking for one that is not built raises :class:`BackendUnavailableError` saying how to
-  build it (``"cuda"`` also needs a GPU backend in jax);
+* ``"cpu"`` — the whole frame (projection, tile lists, blending and their backward) in one C++
+  pass per direction (:mod:`gem_jax.render.cpu_frame`, float32);
+* ``"cuda"`` — the compiled kernel of ``gem_jax.render._ffi`` (float32; it also needs a GPU
+  backend in jax);
 * ``"cuda-emulated"`` — the CUDA kernel's source run on the CPU by a SIMT emulator: a slow
   **test backend** for correctness without a GPU, never picked by ``"auto"``;
+* the compiled backends are looked up lazily; asking for one that is not built raises
+  :class:`BackendUnavailableError` saying how to build it;
 * ``"auto"`` — ``"cuda"`` on a GPU or ``"cpu"`` on a CPU when that kernel is built and the inputs
   are float32, else ``"reference"``.
 
@@ -95,6 +98,8 @@ def _kernel_loader(kind: str) -> Callable[[], Callable]:
         ffi, problem = _ffi_module()
         name = kind.replace("-", "_")
         fn = getattr(ffi, f"blend_tiles_{name}", None) if ffi is not None else None
+        if kind == "cpu" and ffi is not None:  # the whole frame in C++ (cpu_frame.py)
+            fn = importlib.import_module("gem_jax.render.cpu_frame").render_cpu
         if ffi is not None and getattr(ffi, f"HAS_{name.upper()}_KERNEL", False) and fn is not None:
             return fn
         if ffi is not None and hasattr(ffi, "build_instructions"):
@@ -112,7 +117,8 @@ def _kernel_loader(kind: str) -> Callable[[], Callable]:
 
 
 #: name -> loader returning the blend function (``reference.blend_tiles``'s signature) or raising
-#: :class:`BackendUnavailableError`. ``"dense"`` is special-cased (it takes radii, not lists).
+#: :class:`BackendUnavailableError`. ``"dense"`` is special-cased (it takes radii, not lists), and
+#: ``"cpu"`` renders the whole frame (``cpu_frame.render_cpu``: projection, lists and blending).
 BLEND_BACKENDS: dict[str, Callable[[], Callable]] = {
     "reference": lambda: reference.blend_tiles,
     "dense": lambda: reference.blend_dense,
@@ -161,8 +167,10 @@ def round_capacity(count: int) -> int:
     return -(-count // step) * step
 
 
-def _count(gaussians: Gaussians, camera: Camera) -> Array:
+def _count(gaussians: Gaussians, camera: Camera, backend: str) -> Array:
     def one(cam):
+        if backend == "cpu":  # the C++ pass's own projection: its count is exact for it
+            return importlib.import_module("gem_jax.render.cpu_frame").count_cpu(gaussians, cam)
         p = project_gaussians(gaussians, cam)
         return jnp.sum(tile_counts(p.means2d, p.radii, cam.width, cam.height))
 
@@ -171,15 +179,18 @@ def _count(gaussians: Gaussians, camera: Camera) -> Array:
     return one(camera)
 
 
-_count_jit = jax.jit(_count)
+_count_jit = jax.jit(_count, static_argnames="backend")
 
 
-def count_intersections(gaussians: Gaussians, camera: Camera) -> int:
-    """Exact number of (tile, Gaussian) intersections (the most over a batch of cameras).
+def count_intersections(gaussians: Gaussians, camera: Camera, *, backend: str = "auto") -> int:
+    """Exact number of (tile, Gaussian) intersections (the most over a batch of cameras) of
+    ``backend`` (resolved as in :func:`rasterize`; the C++ pass projects on its own).
 
     Eager only; use it to size ``capacity`` for a jitted ``rasterize``.
     """
-    return int(_count_jit(jax.lax.stop_gradient(gaussians), jax.lax.stop_gradient(camera)))
+    gaussians, camera = jax.lax.stop_gradient(gaussians), jax.lax.stop_gradient(camera)
+    backend = _resolve_backend(backend, jnp.result_type(gaussians.means, gaussians.colors, camera.viewmat))
+    return int(_count_jit(gaussians, camera, backend="cpu" if backend == "cpu" else "reference"))
 
 
 def _concrete_int(x) -> int | None:
@@ -204,6 +215,11 @@ def _warn_overflow(overflow, capacity):
 
 
 def _render_one(gaussians, camera, background, backend, capacity):
+    if backend == "cpu":
+        frame = BLEND_BACKENDS["cpu"]()(gaussians, camera, background, capacity)
+        stats = {"num_intersections": frame.lists.num_intersections, "overflow": frame.lists.overflow,
+                 "num_visible": frame.num_visible}  # fmt: skip
+        return RenderOutput(image=frame.image, alpha=frame.alpha, depth=frame.depth, stats=stats)
     width, height = int(camera.width), int(camera.height)
     p = project_gaussians(gaussians, camera)
     num_visible = jnp.sum(p.radii > 0).astype(jnp.int32)
@@ -282,7 +298,10 @@ def rasterize(
         if backend == "dense":
             capacity = 0
         else:
-            total = _concrete_int(_count_jit(jax.lax.stop_gradient(gaussians), jax.lax.stop_gradient(camera)))
+            count_backend = "cpu" if backend == "cpu" else "reference"
+            total = _concrete_int(
+                _count_jit(jax.lax.stop_gradient(gaussians), jax.lax.stop_gradient(camera), backend=count_backend)
+            )
             if total is None:
                 raise ValueError(
                     "rasterize: capacity=None needs concrete inputs, but it was called under "

@@ -1,7 +1,7 @@
 """Pure-jnp alpha blending: the dense oracle and the tile path (DESIGN §9, layer 3).
 
-**The blending interface** (shared by :func:`blend_tiles`, the C++ ``blend_tiles_cpu`` and the
-CUDA ``blend_tiles_cuda`` of ``gem_jax.render._ffi``; all take exactly these arguments)::
+**The blending interface** (shared by :func:`blend_tiles` and the CUDA ``blend_tiles_cuda`` of
+``gem_jax.render._ffi``, and followed inside the C++ CPU pass; all take these arguments)::
 
     blend_tiles(means2d (N,2), conics (N,3), colors (N,3), opacities (N,), depths (N,),
                 background (3,), gaussian_ids (M,) int32, tile_ranges (T,2) int32,
