@@ -33,7 +33,6 @@
 #include <cstring>
 #include <string>
 
-#include "blend_cpu.h"
 #include "blend_math.h"
 #include "ffi_blend_args.h"
 #include "xla/ffi/api/ffi.h"

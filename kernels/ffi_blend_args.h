@@ -1,20 +1,50 @@
-// Operands of the blending kernels' XLA FFI handlers (docs/architecture.md §9), shared by the
-// CPU handlers (ffi_cpu.cc) and the CUDA ones (blend_cuda.cu, also compiled against the SIMT
-// emulator): shape checks with messages naming the field, and the per-batch-element views of
-// the buffers (leading dimensions from `vmap`, vmap_method="broadcast_all").
+// Operands of the blending-only kernels' XLA FFI handlers (docs/architecture.md §9): the CUDA
+// ones (blend_cuda.cu, also compiled against the SIMT emulator), which blend the tile lists of
+// gem_jax/render/tiles.py. Shape checks with messages naming the field, the views of one
+// batch element of the buffers (leading dimensions from `vmap`, vmap_method="broadcast_all"),
+// and the operand lists of the handlers. (The CPU pass, ffi_cpu.cc, renders whole frames and
+// has its own operands.)
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <utility>
 
-#include "blend_cpu.h"  // Scene, ForwardOut, BackwardIn, GaussianGrads
 #include "blend_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace gem {
+
+// One batch element's inputs (pointers into the FFI buffers).
+struct Scene {
+  const float* means2d;     // (N, 2)
+  const float* conics;      // (N, 3)
+  const float* colors;      // (N, 3)
+  const float* opacities;   // (N,)
+  const float* depths;      // (N,)
+  const float* background;  // (3,)
+  const int32_t* ids;       // (M,) tile lists, per tile front to back
+  const int32_t* ranges;    // (T, 2) [start, end) per tile
+  int64_t n, m;
+  int width, height, tiles_x;
+};
+
+struct ForwardOut {
+  float *image, *alpha, *depth, *transmittance;  // (H, W, 3), (H, W) x 3
+  int32_t* last;                                 // (H, W): 1 + index in the tile's list
+};
+
+struct BackwardIn {
+  const float* transmittance;  // (H, W) final T of the forward pass
+  const int32_t* last;         // (H, W)
+  const float *v_image, *v_alpha, *v_depth;  // (H, W, 3), (H, W), (H, W)
+};
+
+struct GaussianGrads {
+  float *v_means2d, *v_conics, *v_colors, *v_opacities, *v_depths;  // (N,2),(N,3),(N,3),(N,),(N,)
+};
 
 // Batch size (product of the leading dimensions) and per-element sizes.
 struct Sizes {
