@@ -80,11 +80,9 @@ class Avatar:
 
     def export_ply(self, k, path: str | os.PathLike, pose=None) -> Path:
         """Write ``G(k)`` (posed by ``pose`` if given, else in the head frame) as a standard 3DGS ``.ply``."""
-        from gem_jax.render.ply import write_ply
-        from gem_jax.rigid import rigid_transform
+        from gem_jax.eigen.render import export_ply
 
-        g = self.evaluate(k)
-        return write_ply(path, g if pose is None else rigid_transform(g, jnp.asarray(pose, jnp.float32)))
+        return export_ply(self.model, k, path, pose)
 
     def predict(self, crops: np.ndarray, neutral: int = 0) -> np.ndarray:
         """``(F, ΣK)`` coefficients of face crops ``(F, S, S, 3)`` relative to crop ``neutral``."""

@@ -25,29 +25,16 @@ import os
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from gem_jax.artefacts import describe_error
 from gem_jax.eigen.model import COEFF_LIMIT, GEM, check_coefficients, size_mb
 from gem_jax.eigen.pca import MODALITIES
-from gem_jax.eigen.render import render_exact
+from gem_jax.eigen.render import export_ply, render_exact
 from gem_jax.errors import ArtefactError, CoefficientError, SubjectFormatError
-from gem_jax.render.ply import write_ply
-from gem_jax.rigid import rigid_transform
 from gem_jax.video import VideoWriter, write_png
 
 __all__ = ["component_sweep", "export_ply", "main", "read_coefficients", "sweep_coefficients"]
-
-
-def export_ply(model: GEM, k, path: str | os.PathLike, root: np.ndarray | None = None) -> Path:
-    """Write ``G(k)`` (posed by ``root`` if given) as a standard 3DGS ``.ply`` (``k``: NaN/Inf refused,
-    beyond ±3σ clamped with a warning)."""
-    k = check_coefficients(model, k, where=f"export {Path(path).name}: coefficients")
-    g = model.evaluate(jnp.asarray(k), clamp=None)
-    if root is not None:
-        g = rigid_transform(g, jnp.asarray(root, jnp.float32))
-    return write_ply(path, g)
 
 
 def read_coefficients(path: str | os.PathLike) -> np.ndarray:

@@ -93,7 +93,7 @@ def test_reenactment_checks_the_regressed_coefficients(completed_workdir, tmp_pa
     import cv2
 
     from gem_jax import reenact
-    from gem_jax.regress import features, train
+    from gem_jax.regress import features, inference
 
     workdir = completed_workdir[1]
     driver = tmp_path / "driver"
@@ -102,7 +102,7 @@ def test_reenactment_checks_the_regressed_coefficients(completed_workdir, tmp_pa
         cv2.imwrite(str(driver / f"{i:03d}.png"), cv2.imread(str(path)))
     monkeypatch.setattr(features, "make_extractor", lambda *a, **k: lambda crops: np.zeros((len(crops), 3), np.float32))
     for value, outcome in ((np.nan, "NaN values"), (60.0, None)):
-        monkeypatch.setattr(train, "predict", lambda net, params, pca, feats, v=value: np.full(
+        monkeypatch.setattr(inference, "predict", lambda net, params, pca, feats, v=value: np.full(
             (len(feats), net.num_outputs), v, np.float32))
         if outcome:
             assert reenact.main(["--model", str(workdir), "--driver", str(driver), "--out",

@@ -10,25 +10,29 @@ the head's rigid root pose ``P = [R | t]`` (world ← head frame),
 :func:`render_batch` is that pipeline for a batch of frames (jitted, differentiable;
 :func:`gem_jax.frames.render_frames` after ``G``); :func:`frame_capacity` sizes its static
 intersection capacity from the exact counts of a few frames, with headroom;
-:func:`render_exact` renders eagerly with the capacity sized exactly for the batch.
+:func:`render_exact` renders eagerly with the capacity sized exactly for the batch;
+:func:`export_ply` writes the Gaussians of one frame as a standard 3DGS ``.ply``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from gem_jax.eigen.model import GEM
+from gem_jax.eigen.model import GEM, check_coefficients
 from gem_jax.frames import frames_capacity, render_frames, render_frames_exact
 from gem_jax.render import RenderOutput
+from gem_jax.render.ply import write_ply
 from gem_jax.rigid import rigid_transform
 from gem_jax.types import Gaussians
 
-__all__ = ["frame_capacity", "render_batch", "render_exact", "world_gaussians"]
+__all__ = ["export_ply", "frame_capacity", "render_batch", "render_exact", "world_gaussians"]
 
 
 def world_gaussians(model: GEM, k: Float[Array, "Ktot"], root: Float[Array, "4 4"],
@@ -68,3 +72,13 @@ def render_exact(model: GEM, k: np.ndarray, roots: np.ndarray, viewmats: np.ndar
     """Images ``(B, H, W, 3)`` with a capacity sized exactly for this batch (evaluation, export)."""
     world = _world_batch(model, jnp.asarray(k, jnp.float32), jnp.asarray(roots, jnp.float32))
     return render_frames_exact(world, viewmats, Ks, background, width, height, backend)
+
+
+def export_ply(model: GEM, k, path: str | os.PathLike, root: np.ndarray | None = None) -> Path:
+    """Write ``G(k)`` (posed by ``root`` if given) as a standard 3DGS ``.ply`` (``k``: NaN/Inf refused,
+    beyond ±3σ clamped with a warning)."""
+    k = check_coefficients(model, k, where=f"export {Path(path).name}: coefficients")
+    g = model.evaluate(jnp.asarray(k), clamp=None)
+    if root is not None:
+        g = rigid_transform(g, jnp.asarray(root, jnp.float32))
+    return write_ply(path, g)
