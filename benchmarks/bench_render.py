@@ -1,4 +1,4 @@
-"""Coefficients → image frames per second of a GEM, per backend (DESIGN §8; GEM Tab. 4's shape).
+"""Coefficients → image frames per second of a GEM, per backend (docs/architecture.md §8; GEM Tab. 4's shape).
 
     python benchmarks/bench_render.py                                   # all cases (~3 min on 2 cores)
     python benchmarks/bench_render.py --texels 128 --components 10 --images 512x512 --repeats 50

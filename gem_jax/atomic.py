@@ -1,4 +1,4 @@
-"""Files written whole or not at all (DESIGN §10: "nothing is lost").
+"""Files written whole or not at all (docs/architecture.md §10: "nothing is lost").
 
 Every output that a later stage or a resumed run reads — models, data matrices, evaluation
 JSON, stage markers — is written to a hidden temporary name beside its destination and then

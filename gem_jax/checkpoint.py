@@ -1,4 +1,4 @@
-"""Checkpoints of a training stage: orbax ``CheckpointManager`` with auto-resume (DESIGN §3, §10).
+"""Checkpoints of a training stage: orbax ``CheckpointManager`` with auto-resume (docs/architecture.md §3, §10).
 
 Each stage owns ``<workdir>/<stage>/ckpt``. Saves are atomic (orbax writes into a temporary
 folder and renames it when complete, so a run killed mid-save leaves the previous checkpoint

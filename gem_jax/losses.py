@@ -1,4 +1,4 @@
-"""Photometric losses and regularisers of the teacher (DESIGN §5; GEM §3.1).
+"""Photometric losses and regularisers of the teacher (docs/architecture.md §5; GEM §3.1).
 
 The teacher's objective per image (weights from ``config.teacher.loss``; the defaults are the
 ones the issue specifies) is

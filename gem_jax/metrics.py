@@ -1,4 +1,4 @@
-"""Image metrics of the evaluation protocol (DESIGN §8): PSNR, SSIM, LPIPS-VGG and L1.
+"""Image metrics of the evaluation protocol (docs/architecture.md §8): PSNR, SSIM, LPIPS-VGG and L1.
 
 Images are float arrays in ``[0, 1]`` of shape ``(…, H, W, 3)``; every metric returns one value
 per image (the leading dimensions), averaged over pixels and channels:

@@ -1,4 +1,4 @@
-"""Data parallelism over a 1-D device mesh ``('data',)`` (DESIGN §3; CONVENTIONS 4, 8).
+"""Data parallelism over a 1-D device mesh ``('data',)`` (docs/architecture.md §3).
 
 The recipe every training stage uses (teacher, refinement, regressor):
 

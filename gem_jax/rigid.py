@@ -2,7 +2,7 @@
 
 Both the teacher (``teacher/maps.py``: per-texel TBN deformation, then the head's root pose)
 and the distilled GEM (``eigen/``: the root pose applied to the evaluated canonical
-Gaussians, DESIGN §1) place Gaussians with a rigid ``4×4`` transform ``[R | t]``:
+Gaussians, docs/architecture.md §1) place Gaussians with a rigid ``4×4`` transform ``[R | t]``:
 
     x ↦ R x + t,      q ↦ q(R) ⊗ q      (wxyz quaternions, gsplat's layout).
 

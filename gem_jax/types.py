@@ -1,4 +1,4 @@
-"""Core pytrees shared by every stage (DESIGN §3).
+"""Core pytrees shared by every stage (docs/architecture.md §3).
 
 * :class:`Gaussians` — a set of activated 3D Gaussians, names as in gsplat.
 * :class:`Camera` — a pinhole camera in OpenCV conventions (x right, y down, z forward),

@@ -1,4 +1,4 @@
-// Per-pixel alpha-blending math of the tile rasterizer (DESIGN §9, layer 3).
+// Per-pixel alpha-blending math of the tile rasterizer (docs/architecture.md §9, layer 3).
 //
 // One header shared by every blending backend: it compiles as plain C++ (the CPU kernel,
 // blend_cpu.cc) and as CUDA device code (the CUDA kernel of a later issue) through GEM_HD.

@@ -1,6 +1,6 @@
 """The public ``rasterize`` (gem_jax/render/rasterize.py): gradients, capacity, backends, batching.
 
-Specification (DESIGN §9): gradients through the whole rasterizer pass ``check_grads`` in
+Specification (docs/architecture.md §9): gradients through the whole rasterizer pass ``check_grads`` in
 float64 for means, quats, scales, opacities, colors, background and the camera pose, and the
 tile path's float32 gradients equal the dense oracle's; the intersection capacity is exact
 when left to ``rasterize`` on concrete inputs, an explicit capacity that overflows is an error

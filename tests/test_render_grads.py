@@ -1,4 +1,4 @@
-"""Gradients of the blending layer (DESIGN §9): finite differences in float64, oracle in float32.
+"""Gradients of the blending layer (docs/architecture.md §9): finite differences in float64, oracle in float32.
 
 Specification: ``jax.test_util.check_grads`` (reverse mode, float64) passes for every float
 input of ``blend_tiles`` (hand-written backward) and ``blend_dense`` (autodiff) on scenes whose

@@ -1,6 +1,6 @@
 """An independent float64 NumPy rasterizer (projection + per-pixel loop) and its own checks.
 
-Written from the specification (DESIGN §9 and the 3DGS / gsplat papers), not from
+Written from the specification (docs/architecture.md §9 and the 3DGS / gsplat papers), not from
 ``gem_jax.render``: the other render tests (test_project.py, test_render_*.py) import it as
 their oracle. It shares no code with the package; rotations come from SciPy (scalar-last
 quaternions, so the wxyz convention is checked too), eigenvalues from ``eigvalsh``.

@@ -1,6 +1,6 @@
 """Forward rendering: rasterize / blend_tiles / blend_dense against the float64 NumPy oracle.
 
-Specification (DESIGN §9): on fresh random scenes the image, alpha and depth of ``rasterize``
+Specification (docs/architecture.md §9): on fresh random scenes the image, alpha and depth of ``rasterize``
 (tile path and dense oracle) equal those of the independent per-pixel renderer of
 test_render_oracle.py to 1e-5; the two pure-jnp blenders agree with each other on random 2D
 scenes, including tile lists longer than one chunk; and the corner cases of the blending rule

@@ -158,7 +158,7 @@ def opengl_project(cam, points):
 
 
 def opencv_project(camera, points):
-    """The convention of DESIGN §3: u = fx·x/z + cx on OpenCV camera coordinates."""
+    """The convention of docs/architecture.md §3: u = fx·x/z + cx on OpenCV camera coordinates."""
     p = (np.asarray(camera.viewmat, np.float64) @ np.c_[points, np.ones(len(points))].T).T[:, :3]
     uv = (np.asarray(camera.K, np.float64) @ (p / p[:, 2:]).T).T[:, :2]
     return uv, p[:, 2]

@@ -1,5 +1,5 @@
 """Appearance of the synthetic identities: skin, hair and iris colours, albedo textures in the
-head's UV layout, and the expression-dependent detail of each frame (DESIGN §4).
+head's UV layout, and the expression-dependent detail of each frame (docs/architecture.md §4).
 
 An :class:`Identity` (from ``(seed, index)``) carries its shape coefficients and colours;
 :func:`make_textures` paints its albedo and the detail layers (forehead wrinkles, nasolabial

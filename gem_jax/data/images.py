@@ -1,9 +1,9 @@
-"""A split of the subject decoded into memory, ready for any background (DESIGN §4, §5).
+"""A split of the subject decoded into memory, ready for any background (docs/architecture.md §4, §5).
 
 Training stages (teacher, refinement, regressor) and the evaluation keep each split as uint8
 arrays: the *foreground* ``image·mask`` (composited on black) and the mask, so any background
 can be composited later (``target = fg + bg·(1 − mask)``: random colours in training, white
-in the evaluation). Cameras are already in the conventions of DESIGN §3 (OpenCV w2c).
+in the evaluation). Cameras are already in the conventions of docs/architecture.md §3 (OpenCV w2c).
 """
 
 from __future__ import annotations

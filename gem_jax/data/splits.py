@@ -1,4 +1,4 @@
-"""The NeRSemble evaluation protocol (DESIGN §4, §8): which (sequence, camera) pairs go where.
+"""The NeRSemble evaluation protocol (docs/architecture.md §4, §8): which (sequence, camera) pairs go where.
 
 * ``train`` — the training sequences seen by the training cameras;
 * ``val``   — the training sequences seen by the held-out camera (novel view);

@@ -2,14 +2,14 @@
 
 :func:`load_subject` validates the three ``transforms_{split}.json`` files up front
 (structure, types, finite numbers, a rigid 4×4 ``transform_matrix``, positive ``h``/``w``,
-referenced files exist) and converts every camera once to the conventions of DESIGN §3:
+referenced files exist) and converts every camera once to the conventions of docs/architecture.md §3:
 
     viewmat = inverse(c2w_OpenGL @ diag(1, −1, −1, 1))      (OpenCV world→camera)
     K       = [[fl_x, 0, cx], [0, fl_y, h − cy], [0, 0, 1]]  (``cy`` is bottom-up in the export)
 
 Images, masks and FLAME parameters are read lazily; each read checks what only it can see
 (image size against ``h``/``w``, npz keys, shapes and NaNs). Every problem is a
-:class:`SubjectFormatError` whose message names the file and the field (DESIGN §10).
+:class:`SubjectFormatError` whose message names the file and the field (docs/architecture.md §10).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ scale 3, opacity 1 channels per Gaussian) and coefficients ``k_m`` in σ units,
 the paper's eigen model; colours are fixed per Gaussian. Evaluating a frame is one
 matrix–vector product per modality, with no neural network.
 
-Validity of the evaluated Gaussians (the data matrices hold ACTIVATED values, DESIGN §6,
+Validity of the evaluated Gaussians (the data matrices hold ACTIVATED values, docs/architecture.md §6,
 so the model is linear in activated space and is then made valid):
 
 * quaternions are renormalised (a zero quaternion becomes the identity, gradient-safe);

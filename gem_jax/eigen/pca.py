@@ -10,7 +10,7 @@ channels), PCA gives
 with ``k_t`` the coefficients of timestep ``t`` in σ units (unit standard deviation over the
 training set). Colour is static in the teacher and is not part of the PCA. Modalities and
 their channels: position 3, rotation 4 (wxyz), scale 3, opacity 1; default component counts
-50/40/40/50 as in the released GEM code (DESIGN §6).
+50/40/40/50 as in the released GEM code (docs/architecture.md §6).
 
 Two numerically equivalent paths, both through ``jnp.linalg`` and neither forming ``D×D``:
 
@@ -43,7 +43,7 @@ On-disk layout written by the ``collect`` stage (``teacher/``) and read here
 Gaussian ``j`` is the ``j``-th ``True`` texel of ``valid`` in row-major order, i.e. its
 ``(row, col)`` is ``np.argwhere(valid)[j]``. Rows of the modality matrices are
 texel-major, channel-minor: entry ``[t, j*C + c]`` is channel ``c`` of Gaussian ``j`` at row
-``t`` (``X.reshape(N, T, C)``). Values are ACTIVATED (DESIGN §6). Because PCA is linear and
+``t`` (``X.reshape(N, T, C)``). Values are ACTIVATED (docs/architecture.md §6). Because PCA is linear and
 ``q`` and ``−q`` are one rotation, the writer must keep quaternion signs consistent across
 timesteps (e.g. flip ``q_t`` when ``q_t · q_0 < 0`` for the first row ``q_0``). Large
 matrices can be written row by row into ``np.lib.format.open_memmap(path, mode="w+",
@@ -226,7 +226,7 @@ def fit_modalities(
     method: str = "auto",
     rank_rtol: float = DEFAULT_RANK_RTOL,
 ) -> dict[str, PCAResult]:
-    """:func:`pca` of every modality of :data:`MODALITIES` (the ``pca`` stage, DESIGN §6).
+    """:func:`pca` of every modality of :data:`MODALITIES` (the ``pca`` stage, docs/architecture.md §6).
 
     ``components`` overrides :data:`DEFAULT_COMPONENTS` per modality; an unknown key is an
     error. Every matrix must have ``T·C`` columns for its channel count ``C`` and one ``T``.

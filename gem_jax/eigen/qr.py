@@ -3,7 +3,7 @@
 GEM (Zielonka et al., CVPR 2025, arXiv 2407.04545) keeps each eigenbasis ``U (K, D)`` with
 orthonormal rows, so that the eigen model ``G(k) = mean + (k·σ) @ U`` (paper §3, the linear
 Gaussian model) has uncorrelated, σ-normalised coefficients. During the photometric
-refinement of the basis (paper §3.2, DESIGN §6) gradient steps drift ``U`` off the Stiefel
+refinement of the basis (paper §3.2, docs/architecture.md §6) gradient steps drift ``U`` off the Stiefel
 manifold; every 1,000 steps it is pulled back with a QR decomposition:
 
     Uᵀ = Q R,   U ← Qᵀ,   signs chosen so that diag(R) > 0.
@@ -59,7 +59,7 @@ def orthonormalize_rows(U: Float[Array, "K D"], *, canonical_signs: bool = False
     Keeps the span of the rows (for full-rank ``U``) and gives ``U' U'ᵀ = I`` to float32
     rounding (about 1e-6). Row ``i`` of the result is the Gram–Schmidt orthonormalisation of
     input row ``i`` against rows ``0..i-1``, so row order and signs follow the input — the
-    behaviour the basis refinement (DESIGN §6) needs to keep the meaning of each coefficient.
+    behaviour the basis refinement (docs/architecture.md §6) needs to keep the meaning of each coefficient.
 
     Args:
       U: ``(K, D)`` with ``K <= D`` and linearly independent rows. Rank-deficient input gives

@@ -5,7 +5,7 @@ data generator to render meshes in image space. There is no Python loop over tri
 pixels; the only loop runs over chunks of (triangle, pixel) candidate pairs, which bounds
 memory.
 
-Conventions (DESIGN §3):
+Conventions (docs/architecture.md §3):
 
 * ``vertices[:, :2]`` are continuous pixel coordinates ``(x, y)``: ``x`` runs along the width
   (column ``j``), ``y`` along the height (row ``i``); the centre of pixel ``(i, j)`` sits at

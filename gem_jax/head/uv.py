@@ -1,6 +1,6 @@
 """UV-space machinery: texel rasterization, position/normal maps and per-texel TBN frames.
 
-The teacher (DESIGN §5) works on maps in the UV layout of the head mesh: every valid texel is
+The teacher (docs/architecture.md §5) works on maps in the UV layout of the head mesh: every valid texel is
 one Gaussian, placed by the canonical *position map*, oriented by per-texel *TBN frames*, and
 conditioned on the *normal/position map* of the tracked mesh.
 

@@ -1,6 +1,6 @@
 """Face crops for the regressor: square boxes from tracking, a detector, or the foreground.
 
-The regressor (DESIGN §7) sees a square crop of the face, resized to the extractor's input.
+The regressor (docs/architecture.md §7) sees a square crop of the face, resized to the extractor's input.
 Boxes are ``(cx, cy, size)`` in pixels (centre and side). Where they come from, best first:
 
 1. **the projected head model** (:func:`box_from_vertices`) — when the frame's tracking is

@@ -1,4 +1,4 @@
-"""Image features for the regressor, behind one interface (DESIGN §7; GEM §3.3).
+"""Image features for the regressor, behind one interface (docs/architecture.md §7; GEM §3.3).
 
 GEM drives the eigen model from images with a pretrained face encoder (EMOCA in the paper).
 Offline, three extractors produce one fixed-size vector per face crop:

@@ -1,4 +1,4 @@
-"""The image → coefficient regressor: whitened feature PCA and a small MLP (DESIGN §7; GEM §3.3).
+"""The image → coefficient regressor: whitened feature PCA and a small MLP (docs/architecture.md §7; GEM §3.3).
 
 For a face crop with features ``f`` and the features ``f₀`` of the driver's *own* neutral
 frame (so identity largely cancels, which is what makes cross-identity driving work),

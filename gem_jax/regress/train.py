@@ -1,4 +1,4 @@
-"""The ``regress`` stage: train the image → coefficient regressor and evaluate reenactment (DESIGN §7, §8).
+"""The ``regress`` stage: train the image → coefficient regressor and evaluate reenactment (docs/architecture.md §7, §8).
 
     python -m gem_jax.train --config configs/quickstart.py --workdir runs/q --stage regress
 

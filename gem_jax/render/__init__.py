@@ -1,4 +1,4 @@
-"""gem_jax.render — the differentiable Gaussian rasterizer and 3DGS ``.ply`` IO (DESIGN §9).
+"""gem_jax.render — the differentiable Gaussian rasterizer and 3DGS ``.ply`` IO (docs/architecture.md §9).
 
 Layers: ``project`` (EWA projection), ``tiles`` (static-capacity tile lists), ``reference``
 (pure-jnp blending: dense oracle and tile path), ``_ffi`` (compiled kernels), ``rasterize``

@@ -1,4 +1,4 @@
-"""Standard 3D Gaussian Splatting ``.ply`` files (DESIGN §6 "Export"), read and written.
+"""Standard 3D Gaussian Splatting ``.ply`` files (docs/architecture.md §6 "Export"), read and written.
 
 The layout of the 3DGS reference implementation (Kerbl et al. 2023, ``GaussianModel.save_ply``),
 which every splat viewer reads: ``format binary_little_endian 1.0``, one ``vertex`` element with
@@ -10,7 +10,7 @@ which every splat viewer reads: ``format binary_little_endian 1.0``, one ``verte
 stored *pre-activation*: colour as the degree-0 spherical-harmonic coefficient
 (``color = 0.5 + C0 · f_dc``, ``C0 = 0.28209479177387814``), ``opacity`` as a logit, scales as
 logs, ``rot`` an unnormalised wxyz quaternion; normals are zero. gem_jax Gaussians hold
-activated values (DESIGN §3), so the activations are applied on read and inverted on write,
+activated values (docs/architecture.md §3), so the activations are applied on read and inverted on write,
 both in float64.
 
 Precision: means and (unit) quaternions round-trip bit-exactly. Colours, opacities and scales
@@ -20,7 +20,7 @@ that storage step: ``|Δcolor| ≤ C0·ulp(f_dc)/2``, ``|Δo| ≤ o(1−o)·ulp(
 ``double`` properties and round-trips every float32 value exactly (not every viewer reads it).
 
 Reading accepts any scalar property types, extra properties (``f_rest_*`` is ignored: view
-dependence is not modelled, DESIGN §5) and validates everything; errors name the file and field.
+dependence is not modelled, docs/architecture.md §5) and validates everything; errors name the file and field.
 """
 
 from __future__ import annotations

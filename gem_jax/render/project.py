@@ -1,4 +1,4 @@
-"""EWA projection of 3D Gaussians to screen-space conics (DESIGN §9, layer 1).
+"""EWA projection of 3D Gaussians to screen-space conics (docs/architecture.md §9, layer 1).
 
 For one pinhole camera (OpenCV axes, world→camera ``viewmat``, intrinsics ``K``) each
 Gaussian ``(μ, q, s)`` is projected as in 3D Gaussian Splatting (Kerbl et al. 2023, §4,
@@ -9,7 +9,7 @@ numerics:
   ``S = diag(s)``.
 * Camera space ``t = W μ + w`` with ``W, w`` the rotation and translation of ``viewmat``.
 * Pixel position ``u = f_x t_x / t_z + c_x``, ``v = f_y t_y / t_z + c_y`` — pixel centres
-  sit at ``j + 0.5`` (DESIGN §3), so no half-pixel shift appears here.
+  sit at ``j + 0.5`` (docs/architecture.md §3), so no half-pixel shift appears here.
 * 2D covariance ``Σ' = J W Σ Wᵀ Jᵀ`` (3DGS eq. 5) with the affine Jacobian of the
   perspective map at ``t`` (EWA eq. 29)::
 

@@ -1,4 +1,4 @@
-"""``rasterize``: the public Gaussian rasterizer (DESIGN §9).
+"""``rasterize``: the public Gaussian rasterizer (docs/architecture.md §9).
 
 One call runs the three layers — EWA projection (``project.py``), tile intersections with a
 static capacity (``tiles.py``) and front-to-back blending by a *backend*:

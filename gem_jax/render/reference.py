@@ -1,4 +1,4 @@
-"""Pure-jnp alpha blending: the dense oracle and the tile path (DESIGN §9, layer 3).
+"""Pure-jnp alpha blending: the dense oracle and the tile path (docs/architecture.md §9, layer 3).
 
 **The blending interface** (shared by :func:`blend_tiles` and the CUDA ``blend_tiles_cuda`` of
 ``gem_jax.render._ffi``, and followed inside the C++ CPU pass; all take these arguments)::

@@ -1,4 +1,4 @@
-"""Tile intersections with a static capacity, sorted by (tile, depth, id) (DESIGN §9, layer 2).
+"""Tile intersections with a static capacity, sorted by (tile, depth, id) (docs/architecture.md §9, layer 2).
 
 The image is cut into 16×16-pixel tiles, ``tiles_x = ⌈W/16⌉``, ``tiles_y = ⌈H/16⌉``, tile id
 ``ty · tiles_x + tx``. A projected Gaussian with radius ``r > 0`` and mean ``(u, v)`` is listed
@@ -7,10 +7,12 @@ gsplat does it (3DGS ``getRect`` with pixel centres at ``j + 0.5``)::
 
     tx ∈ [⌊(u − r)/16⌋, ⌈(u + r)/16⌉) ∩ [0, tiles_x),   ty likewise.
 
-The (tile, Gaussian) pairs are laid out in a buffer of static length ``capacity``, sorted with
-one ``lax.sort`` on the keys (tile, depth, Gaussian id) — 3DGS sorts by a 64-bit
-(tile | depth) key; the id makes ties deterministic — and each tile's run is located with a
-``searchsorted``. Nothing is dropped silently: ``num_intersections`` is the true count and
+The (tile, Gaussian) pairs are laid out in a buffer of static length ``capacity`` in (tile,
+depth, Gaussian id) order — 3DGS sorts by a 64-bit (tile | depth) key; the id makes ties
+deterministic. The Gaussians are first put in (depth, id) order (a sort of N), then one
+``lax.sort`` of the packed ``uint32`` key ``tile · N + depth rank`` orders the pairs (a stable
+sort of (tile, Gaussian) pairs when ``(tiles + 1) · N`` does not fit in 32 bits), and each
+tile's run is located with a ``searchsorted``. Nothing is dropped silently: ``num_intersections`` is the true count and
 ``overflow = max(0, num_intersections − capacity)``; when it is positive, the pairs of the
 *last* Gaussians (in input order) are the ones missing, and the caller must treat the result as
 invalid (``rasterize`` raises eagerly and reports it under ``jit``).

@@ -4,7 +4,7 @@
   (:func:`gem_jax.teacher.maps.root_free_mesh`), one jitted, batched LBS pass.
 * :func:`load_images` (:mod:`gem_jax.data.images`) — a split decoded once into uint8 arrays: the *foreground* ``image·mask``
   (composited on black) and the mask, so any background can be composited in the train step
-  (``target = fg + bg·(1 − mask)``; random colours in training, DESIGN §5).
+  (``target = fg + bg·(1 − mask)``; random colours in training, docs/architecture.md §5).
 * :func:`mouth_masks` — where each training image sees the mouth interior, for the ×150 L1
   weight. The tracked mesh of the image's timestep is posed (root transform included),
   projected into the image's camera and z-buffered with the NumPy triangle rasterizer

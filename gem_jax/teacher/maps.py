@@ -1,4 +1,4 @@
-"""Gaussian maps ↔ Gaussians, and their deformation to a tracked frame (DESIGN §5).
+"""Gaussian maps ↔ Gaussians, and their deformation to a tracked frame (docs/architecture.md §5).
 
 The teacher predicts *maps* in the UV layout of the head mesh; every valid texel of the
 :class:`~gem_jax.head.uv.UVRaster` is one Gaussian. This module holds the pure functions
@@ -150,7 +150,7 @@ def neighbour_spacing(positions: Float[np.ndarray, "R R 3"], valid: np.ndarray) 
 
 @flax.struct.dataclass
 class Canonical:
-    """The canonical Gaussians of a subject (DESIGN §5), one per valid texel.
+    """The canonical Gaussians of a subject (docs/architecture.md §5), one per valid texel.
 
     ``positions`` P₀ and ``frames`` R₀ (TBN) of the canonical mesh, ``quats`` = quat(R₀),
     ``scales`` s₀ from :func:`neighbour_spacing`; ``texels`` the flat texel indices;

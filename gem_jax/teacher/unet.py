@@ -1,4 +1,4 @@
-"""The teacher's UV-space generator: a StyleUNet-like encoder–decoder (DESIGN §5).
+"""The teacher's UV-space generator: a StyleUNet-like encoder–decoder (docs/architecture.md §5).
 
 GEM's teacher (GEM §3.1) is an improved Animatable Gaussians (Li et al. 2024, §3.2), whose
 generator is a StyleUNet (Wang et al., StyleAvatar 2023): a convolutional encoder over an
