@@ -1,21 +1,28 @@
-"""Component ablation of a distilled avatar: PSNR, model size and render speed vs components.
+"""Component ablation of a distilled avatar: PCA-only vs refined, quality, size and speed vs K.
 
-    python benchmarks/bench_ablation.py --workdir runs/q                      # after --stage pca
-    python benchmarks/bench_ablation.py --workdir runs/q --components 10,30,50 --out ablation.json
+    python benchmarks/bench_ablation.py --workdir runs/b                       # after --stage all
+    python benchmarks/bench_ablation.py --workdir runs/q --components 10,30,50 --refine-steps 0
 
-The shape of the paper's ablation table (GEM, Tab. 4): for each count ``K`` (the same for every
-modality, capped at the number of training timesteps − 1), the PCA-only GEM is fitted from the
-``collect`` stage's data matrices, then
+The shape of the paper's ablation (GEM, Tab. 4 and the refinement ablation): for each
+component count ``K`` (the same for every modality, capped at the number of training
+timesteps − 1 and, for a modality of lower numerical rank, at that rank), the PCA-only GEM is
+fitted from the ``collect`` stage's data matrices and then refined photometrically with the
+run's ``config.refine`` (:func:`gem_jax.eigen.refine.refine_basis`; ``--refine-steps``
+overrides its step count, 0 skips refinement). Both models are evaluated with the run's own
+protocol (:func:`gem_jax.eigen.evaluate.evaluate_gem`, ``config.eval`` / ``config.fit``):
 
-* **PSNR** on the held-out camera (novel view) with each training timestep's PCA coefficients
-  (white background, ``--max-images`` images evenly spaced);
-* **MB**: the stored arrays as float32 (the file: bases, σ, colours, texel indices), the bases
-  alone, and the arithmetic ``texels × (1 + K) × 11 × 4`` bytes (mean + K basis rows for 11
-  channels: position 3, rotation 4, scale 3, opacity 1), which the bases equal exactly;
+* **held-out camera** (novel view): PSNR / SSIM / LPIPS with the PCA coefficients of each
+  training timestep;
+* **held-out sequence** (novel expression): the same metrics with coefficients fitted by
+  analysis-by-synthesis (fitted k, the regressor's upper bound);
+* **MB**: the stored file as float32 and float16;
 * **fps**: coefficient vector → image (``G(k)``, root pose, rasterize) as one jitted function,
-  median of ``--repeats`` runs after warm-up, each ended by ``block_until_ready``, per backend.
+  median of ``--repeats`` runs after warm-up, each ended by ``block_until_ready``.
 
-Prints a Markdown table and writes JSON (``--out``).
+The teacher (``<workdir>/teacher/eval.json``) is a row. Each K's results are kept in
+``--out-dir/K<K>/`` (a rerun skips finished K; refinement resumes from its checkpoint), and
+the script writes ``ablation.json``, ``ablation.md`` and a figure (PSNR vs K, PCA vs refined,
+both splits, the teacher as a line; ``--figure``).
 """
 
 from __future__ import annotations
@@ -34,16 +41,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from gem_jax.data.images import load_images  # noqa: E402
+from gem_jax.artefacts import read_json  # noqa: E402
+from gem_jax.atomic import write_json, write_text  # noqa: E402
+from gem_jax.config_check import load_config_file  # noqa: E402
 from gem_jax.context import StageContext  # noqa: E402
-from gem_jax.eigen.evaluate import render_images  # noqa: E402
-from gem_jax.eigen.model import GEM, size_breakdown, size_mb  # noqa: E402
-from gem_jax.eigen.pca import CHANNELS, MODALITIES, fit_modalities, read_collect  # noqa: E402
+from gem_jax.data.images import load_images  # noqa: E402
+from gem_jax.eigen.evaluate import evaluate_gem  # noqa: E402
+from gem_jax.eigen.model import GEM, size_mb  # noqa: E402
+from gem_jax.eigen.pca import MODALITIES, fit_modalities, read_collect  # noqa: E402
+from gem_jax.eigen.refine import refine_basis  # noqa: E402
 from gem_jax.eigen.render import frame_capacity, world_gaussians  # noqa: E402
 from gem_jax.eigen.workdir import Coefficients, load_roots  # noqa: E402
-from gem_jax.metrics import psnr  # noqa: E402
-from gem_jax.render import available_backends, rasterize  # noqa: E402
+from gem_jax.render import rasterize  # noqa: E402
 from gem_jax.types import Camera  # noqa: E402
+
+SPLITS = {"held_out_camera": "novel view", "held_out_sequence": "novel expression (fitted k)"}
+METRICS = ("psnr", "ssim", "lpips")
 
 
 def render_fps(model: GEM, k: np.ndarray, root: np.ndarray, cam: Camera, capacity: int, backend: str,
@@ -67,62 +80,140 @@ def render_fps(model: GEM, k: np.ndarray, root: np.ndarray, cam: Camera, capacit
     return 1.0 / statistics.median(times)
 
 
+def split_metrics(evaluation: dict) -> dict:
+    """``{split: {metric: value}}`` of an ``eval.json``-shaped dict."""
+    return {s: {m: evaluation[s][m] for m in METRICS if m in evaluation[s]} for s in SPLITS if s in evaluation}
+
+
+def ablate_one(ctx, rconfig, data, count: int, out: Path, backend: str, repeats: int) -> dict:
+    """PCA-only and refined GEM at ``count`` components per modality, evaluated (module docstring)."""
+    results = fit_modalities(data.matrices, {m: min(count, data.num_timesteps - 1) for m in MODALITIES})
+    model = GEM.from_pca(results, data.colors, data.valid)
+    coeffs = Coefficients(data.timesteps, np.concatenate([np.asarray(results[m].coeffs) for m in MODALITIES], 1))
+    row = {"components": count, "components_used": dict(model.num_components),
+           "explained_variance": {m: float(np.sum(np.asarray(results[m].explained))) for m in MODALITIES},
+           "mb_float32": size_mb(model), "mb_float16": size_mb(model, "float16")}
+    start = time.time()
+    row["pca"] = split_metrics(evaluate_gem(ctx, model, out / "pca", tag=f"pca_K{count}", coeffs=coeffs))
+    row["pca_eval_seconds"] = time.time() - start
+    if int(rconfig.steps) > 0:
+        start = time.time()
+        refined, validation = refine_basis(ctx, rconfig, model, coeffs, out / "refine")
+        row["refine_seconds"] = time.time() - start
+        row["refine_validation"] = validation
+        row["refined"] = split_metrics(evaluate_gem(ctx, refined, out / "refine", tag=f"refined_K{count}",
+                                                    coeffs=coeffs))
+    images = load_images(ctx.subject, "val", 1)  # one held-out-camera image: its camera and timestep
+    t = images.timesteps[:1]
+    kvec, root = coeffs.of(t)[0], load_roots(ctx.workdir)[t[0]]
+    cam = Camera(jnp.asarray(images.viewmats[0]), jnp.asarray(images.Ks[0]), images.width, images.height)
+    capacity = frame_capacity(model, kvec[None], root[None], images.viewmats[:1], images.Ks[:1], images.width,
+                              images.height, headroom=1.25)
+    row["image"] = f"{images.width}x{images.height}"
+    row["fps"] = {backend: render_fps(model, kvec, root, cam, capacity, backend, repeats)}
+    return row
+
+
+def teacher_row(workdir: Path) -> dict | None:
+    path = workdir / "teacher" / "eval.json"
+    return split_metrics(read_json(path, "teacher")) if path.is_file() else None
+
+
+def markdown(rows: list[dict], teacher: dict | None, header: str) -> str:
+    def cell(metrics: dict | None, split: str) -> str:
+        if not metrics or split not in metrics:
+            return "— | — | —"
+        m = metrics[split]
+        return f"{m['psnr']:.2f} | {m.get('ssim', float('nan')):.4f} | {m.get('lpips', float('nan')):.4f}"
+
+    cols = " | ".join(f"{name} PSNR | SSIM | LPIPS" for name in SPLITS.values())
+    lines = [header, "", f"| model | K (pos/rot/scale/opac) | {cols} | MB fp32 | MB fp16 | fps |",
+             "|---|---|" + "---|" * (3 * len(SPLITS) + 3)]
+    if teacher:
+        lines.append("| teacher | — | " + " | ".join(cell(teacher, s) for s in SPLITS) + " | — | — | — |")
+    for r in rows:
+        used = "/".join(str(r["components_used"][m]) for m in MODALITIES)
+        fps = ", ".join(f"{v:.0f}" for v in r["fps"].values())
+        for kind in ("pca", "refined"):
+            if kind in r:
+                lines.append(f"| GEM {'PCA only' if kind == 'pca' else 'refined'} | {used} | "
+                             + " | ".join(cell(r[kind], s) for s in SPLITS)
+                             + f" | {r['mb_float32']:.2f} | {r['mb_float16']:.2f} | {fps} |")
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], teacher: dict | None, path: Path, title: str) -> Path:
+    """PSNR vs K, PCA-only vs refined, one panel per held-out split; the teacher as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SPLITS), figsize=(5.2 * len(SPLITS), 3.6), squeeze=False)
+    ks = [r["components"] for r in rows]
+    for ax, (split, name) in zip(axes[0], SPLITS.items()):
+        for kind, style in (("pca", "o-"), ("refined", "s-")):
+            values = [r[kind][split]["psnr"] if kind in r and split in r[kind] else np.nan for r in rows]
+            if not all(np.isnan(values)):
+                ax.plot(ks, values, style, label="GEM, PCA only" if kind == "pca" else "GEM, refined")
+        if teacher and split in teacher:
+            ax.axhline(teacher[split]["psnr"], color="k", ls="--", lw=1, label="teacher")
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("components per modality K")
+        ax.set_ylabel("PSNR (dB)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--components", default="10,30,50")
-    p.add_argument("--max-images", type=int, default=48)
+    p.add_argument("--config", default="configs/benchmark.py", help="the run's config (its refine section is used)")
+    p.add_argument("--components", default="5,10,20,50")
+    p.add_argument("--refine-steps", type=int, default=None, help="override config.refine.steps (0: PCA only)")
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--backends", default=",".join(b for b in available_backends() if b != "dense"))
-    p.add_argument("--out", default="benchmarks/out/ablation.json")
+    p.add_argument("--backend", default="cpu", help="rasterizer backend of the fps column")
+    p.add_argument("--out-dir", default="benchmarks/out/ablation")
+    p.add_argument("--figure", default=None, help="also write the figure here (e.g. docs/ablation.png)")
     args = p.parse_args(argv)
-    workdir = Path(args.workdir)
+    workdir, out_dir = Path(args.workdir), Path(args.out_dir)
+    config = load_config_file(args.config)
+    rconfig = config.refine
+    if args.refine_steps is not None:
+        rconfig = rconfig.copy_and_resolve_references()
+        rconfig.steps = int(args.refine_steps)
+    ctx = StageContext.from_workdir(workdir)
     data = read_collect(workdir / "collect")
-    roots = load_roots(workdir)
-    subject = StageContext.from_workdir(workdir).subject
-    images = load_images(subject, "val", args.max_images)
-    target = images.composite(slice(None), (1.0, 1.0, 1.0))
-    texels = data.num_gaussians
     rows = []
-    for k_req in [int(x) for x in args.components.split(",")]:
-        k_used = min(k_req, data.num_timesteps - 1)
-        results = fit_modalities(data.matrices, {m: k_used for m in MODALITIES})
-        model = GEM.from_pca(results, data.colors, data.valid)
-        coeffs = Coefficients(data.timesteps, np.concatenate([np.asarray(results[m].coeffs) for m in MODALITIES], 1))
-        pred = render_images(model, coeffs.of(images.timesteps), roots[images.timesteps], images, (1.0, 1.0, 1.0))
-        value = float(np.mean(np.asarray(psnr(jnp.asarray(np.clip(pred, 0, 1)), jnp.asarray(target)))))
-        kvec = coeffs.of(images.timesteps[:1])[0]
-        root = roots[images.timesteps[0]]
-        cam = Camera(jnp.asarray(images.viewmats[0]), jnp.asarray(images.Ks[0]), images.width, images.height)
-        capacity = frame_capacity(model, kvec[None], root[None], images.viewmats[:1], images.Ks[:1],
-                                  images.width, images.height, headroom=1.25)
-        fps = {b: render_fps(model, kvec, root, cam, capacity, b, args.repeats) for b in args.backends.split(",")}
-        # texels × Σ_m (1 + K_m)·C_m × 4 bytes; = texels × (1 + K) × 11 × 4 when every K_m = K
-        arithmetic = texels * sum((1 + model.num_components[m]) * CHANNELS[m] for m in MODALITIES) * 4 / 1e6
-        used = "/".join(str(v) for v in model.num_components.values())
-        row = {"components": k_req, "components_used": used, "psnr_novel_view": value,
-               "mb_float32": size_mb(model), "mb_basis_float32": size_breakdown(model)["basis"] / 1e6,
-               "mb_arithmetic": arithmetic, "mb_float16": size_mb(model, "float16"),
-               "fps": fps}
+    for count in [int(x) for x in args.components.split(",")]:
+        done = out_dir / f"K{count}" / "row.json"
+        if done.is_file():
+            rows.append(json.loads(done.read_text()))
+            print(f"K={count}: kept {done}", flush=True)
+            continue
+        row = ablate_one(ctx, rconfig, data, count, out_dir / f"K{count}", args.backend, args.repeats)
+        write_json(done, row)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    backends = args.backends.split(",")
-    h, w = images.height, images.width
-    lines = [f"GEM component ablation: {texels} Gaussians, {data.num_timesteps} training timesteps, "
-             f"{w}x{h} images, {jax.devices()[0].platform} ({platform.processor() or platform.machine()})", "",
-             "| components | used (pos/rot/scale/opac) | PSNR novel view (dB) | MB fp32 (file) | MB fp32 (bases) | MB arithmetic | MB fp16 | "
-             + " | ".join(f"fps {b}" for b in backends) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(backends)]
-    for r in rows:
-        lines.append(f"| {r['components']} | {r['components_used']} | {r['psnr_novel_view']:.2f} | "
-                     f"{r['mb_float32']:.3f} | {r['mb_basis_float32']:.3f} | {r['mb_arithmetic']:.3f} | {r['mb_float16']:.3f} | "
-                     + " | ".join(f"{r['fps'][b]:.0f}" for b in backends) + " |")
-    table = "\n".join(lines)
+    teacher = teacher_row(workdir)
+    header = (f"GEM component ablation ({args.workdir}): {data.num_gaussians} Gaussians, {data.num_timesteps} "
+              f"training timesteps, {rows[0]['image'] if rows else '?'} images, refinement "
+              f"{int(rconfig.steps)} steps, {jax.devices()[0].platform} ({platform.processor() or platform.machine()})")
+    table = markdown(rows, teacher, header)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"workdir": str(workdir), "rows": rows, "table": table}, indent=1))
-    print(f"wrote {out}")
+    write_json(out_dir / "ablation.json", {"workdir": str(workdir), "teacher": teacher, "rows": rows})
+    write_text(out_dir / "ablation.md", table + "\n")
+    for path in filter(None, [out_dir / "ablation.png", Path(args.figure) if args.figure else None]):
+        print(f"wrote {figure(rows, teacher, path, header)}")
+    print(f"wrote {out_dir / 'ablation.json'}, {out_dir / 'ablation.md'}")
     return 0
 
 

@@ -14,12 +14,13 @@ means all images.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 
 from gem_jax.errors import ConfigError
 
-__all__ = ["RULES", "SHARDED_BATCHES", "check_config"]
+__all__ = ["RULES", "SHARDED_BATCHES", "check_config", "load_config_file"]
 
 Check = Callable[[object], str | None]  # value -> None if fine, else what was expected
 
@@ -171,3 +172,17 @@ def check_config(config, devices: int | None = None) -> None:
 
         devices = jax.device_count()
     _relations(config, int(devices))
+
+
+def load_config_file(spec: str):
+    """The checked config of ``"configs/NAME.py[:arg]"`` (what ``--config`` takes), for scripts
+    that read a run's settings without going through ``python -m gem_jax.train``."""
+    file, _, arg = str(spec).partition(":")
+    module_spec = importlib.util.spec_from_file_location("gem_jax_config_file", file)
+    if module_spec is None:
+        raise ConfigError(f"--config {spec}: {file} is not a Python config file (configs/*.py)")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    check_config(config)
+    return config

@@ -11,12 +11,12 @@ with its foreground mask on white.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from gem_jax.config_check import load_config_file
 from gem_jax.data import procedural_head as ph
 from gem_jax.data import synthetic as sy
 
@@ -73,14 +73,6 @@ def contact_sheet(path, synthetic, seed: int = 0, cameras=None, identities=(0,),
     return path
 
 
-def _load_config(spec: str):
-    file, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("gem_jax_contact_config", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
 def main(argv=None) -> None:
     root = Path(__file__).resolve().parents[2]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -88,7 +80,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(root / "docs" / "contact_sheet.png"))
     parser.add_argument("--identities", default="0")
     args = parser.parse_args(argv)
-    config = _load_config(args.config)
+    config = load_config_file(args.config)
     identities = [int(x) for x in args.identities.split(",")]
     print(contact_sheet(args.out, config.synthetic, int(config.seed), identities=identities))
 

@@ -69,10 +69,15 @@ def make_sequences(seed: int, num_sequences: int, frames: int) -> list[Sequence]
     out = []
     for k in range(num_sequences):
         held_out = k == num_sequences - 1
-        name, emphasis, jaw_amp = HELD_OUT_SEQUENCE if held_out else SEQUENCES[k % len(SEQUENCES)]
-        if not held_out and k >= len(SEQUENCES):
-            name = f"{name}-{k // len(SEQUENCES) + 1}"
         rng = np.random.default_rng([seed, 2000 + k])
+        if held_out:
+            name, emphasis, jaw_amp = HELD_OUT_SEQUENCE
+        elif k < len(SEQUENCES):
+            name, emphasis, jaw_amp = SEQUENCES[k]
+        else:  # beyond the named ones: a random mix of 3–5 expressions each, for more expression variety
+            picks = np.random.default_rng([seed, 3000 + k]).choice(len(ph.EXPR_NAMES), 3 + k % 3, replace=False)
+            emphasis = tuple(ph.EXPR_NAMES[i] for i in sorted(picks))
+            name, jaw_amp = f"MIX-{k + 1}", 0.1 + 0.04 * (k % 4)
         t = np.linspace(0.0, 1.0, frames)
         expr = np.zeros((frames, len(ph.EXPR_NAMES)))
         for e, ename in enumerate(ph.EXPR_NAMES):

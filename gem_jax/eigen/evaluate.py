@@ -31,7 +31,7 @@ from gem_jax.data.images import ImageSet, load_images
 from gem_jax.eigen.fit import apply_pose_correction, fit_coefficients
 from gem_jax.eigen.model import GEM
 from gem_jax.eigen.render import render_exact
-from gem_jax.eigen.workdir import load_pca_coefficients, load_roots
+from gem_jax.eigen.workdir import Coefficients, load_pca_coefficients, load_roots
 from gem_jax.evaluation import Protocol, render_all
 
 __all__ = ["evaluate_gem", "gem_renderer", "render_images"]
@@ -54,12 +54,15 @@ def render_images(model: GEM, k: np.ndarray, roots: np.ndarray, images: ImageSet
     return render_all(gem_renderer(model, k, roots, images, background, backend), images.num, batch_size)
 
 
-def evaluate_gem(ctx, model: GEM, out: Path, tag: str, extra: dict | None = None) -> dict:
+def evaluate_gem(ctx, model: GEM, out: Path, tag: str, extra: dict | None = None,
+                 coeffs: Coefficients | None = None) -> dict:
     """Every split of the module docstring; writes ``out/eval.json``, ``out/renders/`` and the
-    fitted coefficients of the held-out sequence ``out/fit_test.npz``."""
+    fitted coefficients of the held-out sequence ``out/fit_test.npz``. ``coeffs``: the training
+    timesteps' coefficients of ``model`` (default: the ``pca`` stage's)."""
     protocol = Protocol.from_context(ctx)
     subject, background, backend = ctx.subject, ctx.background, ctx.backend
-    roots, coeffs = load_roots(ctx.workdir), load_pca_coefficients(ctx.workdir)
+    roots = load_roots(ctx.workdir)
+    coeffs = load_pca_coefficients(ctx.workdir) if coeffs is None else coeffs
     renders = out / "renders"
     result: dict = {"background": list(background), **(extra or {})}
 

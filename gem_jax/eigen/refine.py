@@ -45,7 +45,7 @@ from gem_jax.losses import dssim_loss, l1_loss
 from gem_jax.metrics import psnr
 
 __all__ = ["compiled_refine_step", "init_state", "make_optimizer", "make_refine_step",
-           "refine_batch", "run"]
+           "refine_basis", "refine_batch", "run"]
 
 STAGE = "refine"
 
@@ -175,13 +175,17 @@ class _Best:
                 "history": [{"step": int(a), "psnr": float(b)} for a, b in self.history]}
 
 
-def run(ctx, rconfig) -> dict:
-    """Refine the PCA-only GEM of ``<workdir>/pca`` (or resume), save and evaluate it."""
+def refine_basis(ctx, rconfig, model: GEM, coeffs: Coefficients, out: Path) -> tuple[GEM, dict]:
+    """Refine ``model.U`` photometrically (module docstring) with the training timesteps'
+    coefficients ``coeffs`` fixed; resumes from ``out/ckpt``. Returns the refined GEM (the
+    basis with the best validation PSNR, rows orthonormal) and the validation summary.
+
+    The ``refine`` stage calls it on the PCA-only GEM of ``<workdir>/pca``; the component
+    ablation (``benchmarks/bench_ablation.py``) calls it once per component count.
+    """
     rc, seed, mesh = rconfig, int(ctx.seed), ctx.mesh
-    out = ctx.stage_dir(STAGE)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(ctx.workdir, "pca")
-    coeffs, roots = load_pca_coefficients(ctx.workdir), load_roots(ctx.workdir)
+    roots = load_roots(ctx.workdir)
     images, val_images = split_validation(load_images(ctx.subject, "train"), int(rc.val_cameras), int(rc.val_images))
     if val_images is not None:
         loop.log(STAGE, f"validation: training cameras {sorted(set(val_images.camera_indices.tolist()))} withheld "
@@ -215,8 +219,15 @@ def run(ctx, rconfig) -> dict:
     if best.U is not None:
         loop.log(STAGE, best.describe())
     refined = model.replace(U={m: jnp.asarray(orthonormalize_rows(jnp.asarray(u))) for m, u in U.items()})
+    return refined, best.summary()
+
+
+def run(ctx, rconfig) -> dict:
+    """Refine the PCA-only GEM of ``<workdir>/pca`` (or resume), save and evaluate it."""
+    out = ctx.stage_dir(STAGE)
+    model = load_model(ctx.workdir, "pca")
+    refined, validation = refine_basis(ctx, rconfig, model, load_pca_coefficients(ctx.workdir), out)
     if jax.process_index() == 0:  # only process 0 writes, so only it may read the file back
         refined.save(out / MODEL_FILE, dtype=stored_dtype(ctx.workdir / "pca" / MODEL_FILE))
         loop.log(STAGE, f"wrote {out / MODEL_FILE}: {size_mb(out / MODEL_FILE):.2f} MB")
-    result = evaluate_gem(ctx, refined, out, tag=STAGE, extra={"validation": best.summary()})
-    return result
+    return evaluate_gem(ctx, refined, out, tag=STAGE, extra={"validation": validation})
