@@ -127,7 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
     r.end_lr_factor = 0.1  # cosine decay to lr · end_lr_factor
     r.qr_every = 1000  # U ← Q of QR(Uᵀ), signs fixed by diag R
     r.random_background = True
-    r.loss = ml_collections.ConfigDict({"l1": 0.3, "dssim": 1.0, "vgg": 0.03})
+    r.loss = ml_collections.ConfigDict({"l1": 0.3, "dssim": 1.0, "vgg": 0.03,
+                                        "anchor": 0.0})  # anchor: λ·Σ‖U − U_PCA‖² (0 = off)
     r.val_cameras = 1  # training cameras withheld to validate the refinement (0 = off)
     r.val_images = 48  # at most this many validation images (evenly spaced)
     r.capacity_headroom = 2.0

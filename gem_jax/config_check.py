@@ -107,7 +107,7 @@ RULES: dict[str, Check] = {
     "eval.train_images": COUNT,
     **{f"refine.{k}": v for k, v in _TRAINING.items()},
     "refine.end_lr_factor": FRACTION, "refine.qr_every": AT_LEAST_ONE, "refine.random_background": boolean,
-    **{f"refine.loss.{k}": WEIGHT for k in ("l1", "dssim", "vgg")},
+    **{f"refine.loss.{k}": WEIGHT for k in ("l1", "dssim", "vgg", "anchor")},
     "refine.val_cameras": COUNT, "refine.val_images": AT_LEAST_ONE, "refine.capacity_headroom": number(1),
     "refine.keep_checkpoints": AT_LEAST_ONE, "refine.max_bad_steps": AT_LEAST_ONE,
     **{f"regress.{k}": v for k, v in _TRAINING.items()},

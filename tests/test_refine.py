@@ -123,3 +123,26 @@ def test_stage_resumes_after_interruption_to_the_same_basis(distilled_workdir, t
 def test_missing_inputs_name_the_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match="run --stage pca"):
         train.run(tiny_config(), tmp_path, "refine")
+
+
+def test_anchor_penalty_measures_and_limits_the_distance_to_the_pca_basis(distilled_workdir):
+    config, workdir = distilled_workdir
+    model, coeffs, roots, images, cap = _setup(workdir, config)
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    batch = refine.refine_batch(images, coeffs, roots, 0, 4, seed=0)
+    distance = {}
+    for anchor in (0.0, 1e4):
+        rc = tiny_config(**{"refine.qr_every": 1000, "refine.lr": 3e-3, "refine.steps": 6,
+                            "refine.random_background": False, "refine.loss.anchor": anchor}).refine
+        optimizer = refine.make_optimizer(rc)
+        step = refine.make_refine_step(rc, optimizer, mesh, images.width, images.height, cap, seed=0)
+        state = refine.init_state(model, optimizer)
+        for _ in range(6):
+            before = {m: np.asarray(u, np.float64) for m, u in jax.device_get(state["U"]).items()}
+            state, metrics = step(state, batch, model, None)
+            if anchor:  # the logged term is Σ_m ‖U_m − U_m^PCA‖² of the basis the step started from
+                expected = sum(np.sum((before[m] - np.asarray(model.U[m], np.float64)) ** 2) for m in before)
+                np.testing.assert_allclose(float(metrics["anchor"]), expected, rtol=1e-4, atol=1e-10)
+        U = jax.device_get(state["U"])
+        distance[anchor] = sum(np.sum((np.asarray(U[m]) - np.asarray(model.U[m])) ** 2) for m in U)
+    assert distance[0.0] > 0 and distance[1e4] < 0.5 * distance[0.0], distance

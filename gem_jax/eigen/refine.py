@@ -6,13 +6,15 @@ PCA is optimal for the *Gaussian parameters*, not for the *images* they render. 
 the bases ``U_m`` with the photometric loss on the training images, the means, σ and each
 timestep's PCA coefficients ``k_t`` fixed:
 
-    min_U  Σ_images  λ₁·L1(Î, I) + λ₂·D-SSIM(Î, I) + λ₃·LPIPS-VGG(Î, I),
+    min_U  Σ_images  λ₁·L1(Î, I) + λ₂·D-SSIM(Î, I) + λ₃·LPIPS-VGG(Î, I)  [+ λ_a·Σ_m ‖U_m − U_m^PCA‖²],
     Î = render(P_t ∘ [mean + (k_t·σ) @ U], camera),     (λ₁, λ₂, λ₃) = (0.3, 1.0, 0.03),
 
 with Adam (cosine-decayed learning rate), random backgrounds, and every ``qr_every`` steps
 (1,000 by default) ``U ← Qᵀ`` of the QR decomposition ``Uᵀ = QR`` with the signs fixed by
 ``diag(R) > 0`` (:func:`gem_jax.eigen.qr.orthonormalize_rows`), so the rows stay orthonormal
-and each coefficient keeps its meaning. Training runs in the shared loop (:mod:`gem_jax.loop`:
+and each coefficient keeps its meaning. The bracketed penalty toward the PCA basis
+(``refine.loss.anchor``, off by default) is this project's addition, measured in the
+benchmark's refinement study (README). Training runs in the shared loop (:mod:`gem_jax.loop`:
 data-parallel guarded steps, resume from ``refine/ckpt``, bad-step policy, capacity growth,
 metrics, progress). One training camera is withheld (``refine.val_cameras``) and the basis with
 the best PSNR on it — the PCA basis counts as step 0 — is the one saved. Outputs in
@@ -75,6 +77,7 @@ def make_refine_step(rconfig, optimizer, mesh, width: int, height: int, capacity
     """The jitted ``step(state, batch, model, lpips_params) -> (state, metrics)`` (module docstring)."""
     weights = rconfig.loss
     w_l1, w_dssim, w_vgg = float(weights.l1), float(weights.dssim), float(weights.vgg)
+    w_anchor = float(weights.get("anchor", 0.0))
     random_bg = bool(rconfig.random_background)
     qr_every = max(int(rconfig.qr_every), 1)
 
@@ -92,6 +95,9 @@ def make_refine_step(rconfig, optimizer, mesh, width: int, height: int, capacity
 
                 terms["vgg"] = jnp.mean(lpips_distance(lpips_params, out.image, target))
                 loss = loss + w_vgg * terms["vgg"]
+            if w_anchor > 0:  # a penalty toward the PCA basis (model.U is the unrefined one)
+                terms["anchor"] = sum(jnp.sum(jnp.square(U[m] - model.U[m])) for m in U)
+                loss = loss + w_anchor * terms["anchor"]
             return loss, {**terms, "psnr": jnp.mean(psnr(out.image, target)),
                           "overflow": jnp.max(out.stats["overflow"]).astype(jnp.float32)}
 
