@@ -181,10 +181,13 @@ class _Best:
                 "history": [{"step": int(a), "psnr": float(b)} for a, b in self.history]}
 
 
-def refine_basis(ctx, rconfig, model: GEM, coeffs: Coefficients, out: Path) -> tuple[GEM, dict]:
+def refine_basis(ctx, rconfig, model: GEM, coeffs: Coefficients, out: Path, *, images: ImageSet | None = None,
+                 keep_best: bool = True) -> tuple[GEM, dict]:
     """Refine ``model.U`` photometrically (module docstring) with the training timesteps'
     coefficients ``coeffs`` fixed; resumes from ``out/ckpt``. Returns the refined GEM (the
-    basis with the best validation PSNR, rows orthonormal) and the validation summary.
+    basis with the best validation PSNR, or the last one if not ``keep_best``; rows
+    orthonormal) and the validation summary. ``images``: the targets (default: the subject's
+    training split; the refinement study passes the teacher's own renders).
 
     The ``refine`` stage calls it on the PCA-only GEM of ``<workdir>/pca``; the component
     ablation (``benchmarks/bench_ablation.py``) calls it once per component count.
@@ -192,7 +195,8 @@ def refine_basis(ctx, rconfig, model: GEM, coeffs: Coefficients, out: Path) -> t
     rc, seed, mesh = rconfig, int(ctx.seed), ctx.mesh
     out.mkdir(parents=True, exist_ok=True)
     roots = load_roots(ctx.workdir)
-    images, val_images = split_validation(load_images(ctx.subject, "train"), int(rc.val_cameras), int(rc.val_images))
+    images = load_images(ctx.subject, "train") if images is None else images
+    images, val_images = split_validation(images, int(rc.val_cameras), int(rc.val_images))
     if val_images is not None:
         loop.log(STAGE, f"validation: training cameras {sorted(set(val_images.camera_indices.tolist()))} withheld "
                         f"({val_images.num} images); the basis with the best validation PSNR is kept")
@@ -221,8 +225,8 @@ def refine_basis(ctx, rconfig, model: GEM, coeffs: Coefficients, out: Path) -> t
         batch=lambda i: refine_batch(images, coeffs, roots, i, batch_size, seed),
         replicated=(parallel.replicate(model, mesh), lpips_params),
         on_checkpoint=lambda i, state: best.offer(i, jax.device_get(state["U"])), section=rc)
-    U = jax.device_get(state["U"]) if best.U is None else best.U
-    if best.U is not None:
+    U = jax.device_get(state["U"]) if best.U is None or not keep_best else best.U
+    if best.U is not None and keep_best:
         loop.log(STAGE, best.describe())
     refined = model.replace(U={m: jnp.asarray(orthonormalize_rows(jnp.asarray(u))) for m, u in U.items()})
     return refined, best.summary()
