@@ -8,7 +8,10 @@ component count ``K`` (the same for every modality, capped at the number of trai
 timesteps − 1 and, for a modality of lower numerical rank, at that rank), the PCA-only GEM is
 fitted from the ``collect`` stage's data matrices and then refined photometrically with the
 run's ``config.refine`` (:func:`gem_jax.eigen.refine.refine_basis`; ``--refine-steps``
-overrides its step count, 0 skips refinement). Both models are evaluated with the run's own
+overrides its step count, 0 skips refinement; ``--keep best`` measures the basis the
+``refine`` stage would keep, the one with the best PSNR on its withheld training camera, which
+may be the PCA basis itself; the default ``--keep last`` measures what refinement produced).
+Both models are evaluated with the run's own
 protocol (:func:`gem_jax.eigen.evaluate.evaluate_gem`, ``config.eval`` / ``config.fit``):
 
 * **held-out camera** (novel view): PSNR / SSIM / LPIPS with the PCA coefficients of each
@@ -85,7 +88,7 @@ def split_metrics(evaluation: dict) -> dict:
     return {s: {m: evaluation[s][m] for m in METRICS if m in evaluation[s]} for s in SPLITS if s in evaluation}
 
 
-def ablate_one(ctx, rconfig, data, count: int, out: Path, backend: str, repeats: int) -> dict:
+def ablate_one(ctx, rconfig, data, count: int, out: Path, backend: str, repeats: int, keep: str) -> dict:
     """PCA-only and refined GEM at ``count`` components per modality, evaluated (module docstring)."""
     results = fit_modalities(data.matrices, {m: min(count, data.num_timesteps - 1) for m in MODALITIES})
     model = GEM.from_pca(results, data.colors, data.valid)
@@ -94,13 +97,18 @@ def ablate_one(ctx, rconfig, data, count: int, out: Path, backend: str, repeats:
            "explained_variance": {m: float(np.sum(np.asarray(results[m].explained))) for m in MODALITIES},
            "mb_float32": size_mb(model), "mb_float16": size_mb(model, "float16")}
     start = time.time()
-    row["pca"] = split_metrics(evaluate_gem(ctx, model, out / "pca", tag=f"pca_K{count}", coeffs=coeffs))
+    cached = out / "pca" / "eval.json"  # the PCA-only model is a pure function of the collect data and K
+    evaluation = read_json(cached, "ablation") if cached.is_file() else None
+    if evaluation is None:
+        evaluation = evaluate_gem(ctx, model, out / "pca", tag=f"pca_K{count}", coeffs=coeffs)
+    row["pca"] = split_metrics(evaluation)
     row["pca_eval_seconds"] = time.time() - start
     if int(rconfig.steps) > 0:
         start = time.time()
-        refined, validation = refine_basis(ctx, rconfig, model, coeffs, out / "refine")
+        refined, validation = refine_basis(ctx, rconfig, model, coeffs, out / "refine", keep_best=keep == "best")
         row["refine_seconds"] = time.time() - start
         row["refine_validation"] = validation
+        row["refined_basis"] = keep
         row["refined"] = split_metrics(evaluate_gem(ctx, refined, out / "refine", tag=f"refined_K{count}",
                                                     coeffs=coeffs))
     images = load_images(ctx.subject, "val", 1)  # one held-out-camera image: its camera and timestep
@@ -136,13 +144,14 @@ def markdown(rows: list[dict], teacher: dict | None, header: str) -> str:
         fps = ", ".join(f"{v:.0f}" for v in r["fps"].values())
         for kind in ("pca", "refined"):
             if kind in r:
-                lines.append(f"| GEM {'PCA only' if kind == 'pca' else 'refined'} | {used} | "
+                label = "PCA only" if kind == "pca" else f"refined ({r.get('refined_basis', 'best')} basis)"
+                lines.append(f"| GEM {label} | {used} | "
                              + " | ".join(cell(r[kind], s) for s in SPLITS)
                              + f" | {r['mb_float32']:.2f} | {r['mb_float16']:.2f} | {fps} |")
     return "\n".join(lines)
 
 
-def figure(rows: list[dict], teacher: dict | None, path: Path, title: str) -> Path:
+def figure(rows: list[dict], teacher: dict | None, path: Path, title: str, keep: str) -> Path:
     """PSNR vs K, PCA-only vs refined, one panel per held-out split; the teacher as a dashed line."""
     import matplotlib
 
@@ -155,11 +164,12 @@ def figure(rows: list[dict], teacher: dict | None, path: Path, title: str) -> Pa
         for kind, style in (("pca", "o-"), ("refined", "s-")):
             values = [r[kind][split]["psnr"] if kind in r and split in r[kind] else np.nan for r in rows]
             if not all(np.isnan(values)):
-                ax.plot(ks, values, style, label="GEM, PCA only" if kind == "pca" else "GEM, refined")
+                ax.plot(ks, values, style, label="GEM, PCA only" if kind == "pca" else f"GEM, refined ({keep} basis)")
         if teacher and split in teacher:
             ax.axhline(teacher[split]["psnr"], color="k", ls="--", lw=1, label="teacher")
         ax.set_xscale("log")
         ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xticks([], minor=True)
         ax.set_xlabel("components per modality K")
         ax.set_ylabel("PSNR (dB)")
         ax.set_title(name)
@@ -179,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/benchmark.py", help="the run's config (its refine section is used)")
     p.add_argument("--components", default="5,10,20,50")
     p.add_argument("--refine-steps", type=int, default=None, help="override config.refine.steps (0: PCA only)")
+    p.add_argument("--keep", choices=("last", "best"), default="last",
+                   help="refined basis measured: the last one, or the one the refine stage keeps (best validation PSNR)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--backend", default="cpu", help="rasterizer backend of the fps column")
     p.add_argument("--out-dir", default="benchmarks/out/ablation")
@@ -194,25 +206,25 @@ def main(argv=None) -> int:
     data = read_collect(workdir / "collect")
     rows = []
     for count in [int(x) for x in args.components.split(",")]:
-        done = out_dir / f"K{count}" / "row.json"
+        done = out_dir / f"K{count}" / f"row_{args.keep}.json"
         if done.is_file():
             rows.append(json.loads(done.read_text()))
             print(f"K={count}: kept {done}", flush=True)
             continue
-        row = ablate_one(ctx, rconfig, data, count, out_dir / f"K{count}", args.backend, args.repeats)
+        row = ablate_one(ctx, rconfig, data, count, out_dir / f"K{count}", args.backend, args.repeats, args.keep)
         write_json(done, row)
         rows.append(row)
         print(json.dumps(row), flush=True)
     teacher = teacher_row(workdir)
     header = (f"GEM component ablation ({args.workdir}): {data.num_gaussians} Gaussians, {data.num_timesteps} "
               f"training timesteps, {rows[0]['image'] if rows else '?'} images, refinement "
-              f"{int(rconfig.steps)} steps, {jax.devices()[0].platform} ({platform.processor() or platform.machine()})")
+              f"{int(rconfig.steps)} steps ({args.keep} basis), {jax.devices()[0].platform} ({platform.processor() or platform.machine()})")
     table = markdown(rows, teacher, header)
     print(table)
     write_json(out_dir / "ablation.json", {"workdir": str(workdir), "teacher": teacher, "rows": rows})
     write_text(out_dir / "ablation.md", table + "\n")
     for path in filter(None, [out_dir / "ablation.png", Path(args.figure) if args.figure else None]):
-        print(f"wrote {figure(rows, teacher, path, header)}")
+        print(f"wrote {figure(rows, teacher, path, header, args.keep)}")
     print(f"wrote {out_dir / 'ablation.json'}, {out_dir / 'ablation.md'}")
     return 0
 
