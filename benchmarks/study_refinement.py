@@ -7,7 +7,10 @@ For ``K`` components per modality the PCA-only GEM is built from the ``collect``
 (as in ``bench_ablation.py``), then refined once per variant (``name=value`` overrides of the
 run's ``config.refine``: ``lr``, ``steps``, ``anchor`` (= ``loss.anchor``), ``vgg``, ...;
 several joined by ``,``; ``default`` is the config itself; ``target=teacher`` refines against
-the teacher's own renders of ``--teacher-images`` training images instead of the ground truth)
+the teacher's own renders of ``--teacher-images`` training images instead of the ground truth;
+``codes=fitted`` first fits every training timestep's ``k`` to its training images by
+analysis-by-synthesis (``--fit-steps``, ``U`` frozen), then refines — and measures — with those
+codes; ``steps=0`` measures the codes alone)
 with :func:`gem_jax.eigen.refine.refine_basis`. Each variant's *last* basis is measured (the
 "kept step" column says which one the ``refine`` stage, which keeps the basis with the best
 validation PSNR, would have kept). For the PCA basis and every refined basis it reports
@@ -43,6 +46,7 @@ from gem_jax.config_check import load_config_file  # noqa: E402
 from gem_jax.context import StageContext  # noqa: E402
 from gem_jax.data.images import ImageSet, load_images  # noqa: E402
 from gem_jax.eigen.evaluate import render_images  # noqa: E402
+from gem_jax.eigen.fit import fit_coefficients  # noqa: E402
 from gem_jax.eigen.model import GEM  # noqa: E402
 from gem_jax.eigen.pca import MODALITIES, fit_modalities, read_collect  # noqa: E402
 from gem_jax.eigen.refine import refine_basis  # noqa: E402
@@ -61,6 +65,11 @@ def parse_variant(text: str) -> dict:
         key, _, value = item.partition("=")
         if not value:
             raise SystemExit(f"--variants: {item!r} is not name=value")
+        if key == "codes":
+            if value not in ("pca", "fitted"):
+                raise SystemExit(f"--variants: codes={value}: expected pca or fitted")
+            out[key] = value
+            continue
         if key == "target":
             if value not in ("images", "teacher"):
                 raise SystemExit(f"--variants: target={value}: expected images or teacher")
@@ -115,6 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--components", type=int, default=10)
     p.add_argument("--variants", default="default")
     p.add_argument("--images", type=int, default=104, help="held-out-camera and training images evaluated")
+    p.add_argument("--fit-steps", type=int, default=600, help="analysis-by-synthesis steps for codes=fitted")
     p.add_argument("--teacher-images", type=int, default=1456, help="training images rendered for target=teacher")
     p.add_argument("--out-dir", default="benchmarks/out/refine_study")
     args = p.parse_args(argv)
@@ -138,21 +148,31 @@ def main(argv=None) -> int:
     gt_val, gt_train = val.composite(slice(None), white), train.composite(slice(None), white)
     model, coeffs = build(count)
 
-    def measure(m: GEM) -> dict:
-        pred_val = render_images(m, coeffs.of(val.timesteps), roots[val.timesteps], val, white)
-        pred_train = render_images(m, coeffs.of(train.timesteps), roots[train.timesteps], train, white)
+    def measure(m: GEM, codes: Coefficients) -> dict:
+        pred_val = render_images(m, codes.of(val.timesteps), roots[val.timesteps], val, white)
+        pred_train = render_images(m, codes.of(train.timesteps), roots[train.timesteps], train, white)
         return {"held_out_camera_psnr": mean_psnr(pred_val, gt_val),
                 "held_out_camera_psnr_vs_teacher_render": mean_psnr(pred_val, teacher_val),
                 "training_views_psnr": mean_psnr(pred_train, gt_train),
-                "parameter_error": parameter_error(m, coeffs.k, data)}
+                "parameter_error": parameter_error(m, codes.of(data.timesteps), data)}
 
-    rows = [{"variant": "PCA basis", **measure(model)}]
+    def fitted_codes(m: GEM) -> Coefficients:
+        """Every training timestep's ``k`` fitted to its training images (U frozen), from the PCA codes."""
+        images = load_images(ctx.subject, "train")
+        steps = ctx.fit.copy_and_resolve_references()
+        steps.steps = args.fit_steps
+        fit = fit_coefficients(m, images, roots, steps, init=coeffs.of(np.unique(images.timesteps)),
+                               seed=int(ctx.seed))
+        return Coefficients(fit.timesteps, fit.k)
+
+    rows = [{"variant": "PCA basis", **measure(model, coeffs)}]
     rows[0]["teacher_held_out_camera_psnr"] = mean_psnr(teacher_val, gt_val)
     print(json.dumps(rows[0]), flush=True)
-    teacher_train = None
+    teacher_train = fitted = None
     for text in args.variants.split(";"):
         overrides = parse_variant(text)
         target = overrides.pop("target", "images")
+        codes = overrides.pop("codes", "pca")
         rc = with_overrides(rconfig, overrides)
         name = text.strip() or "default"
         start = time.time()
@@ -162,14 +182,22 @@ def main(argv=None) -> int:
                 teacher_train = teacher_targets(lossless, lossless_k, roots,
                                                 load_images(ctx.subject, "train", args.teacher_images))
             targets = teacher_train
-        refined, validation = refine_basis(ctx, rc, model, coeffs, out_dir / name.replace("=", "_").replace(",", "+"),
-                                           images=targets, keep_best=False)
+        codes_used = coeffs
+        if codes == "fitted":
+            if fitted is None:
+                fitted = fitted_codes(model)
+            codes_used = fitted
+        refined, validation = model, {"enabled": False}
+        if int(rc.steps) > 0:
+            refined, validation = refine_basis(ctx, rc, model, codes_used,
+                                               out_dir / name.replace("=", "_").replace(",", "+"),
+                                               images=targets, keep_best=False)
         metrics_file = out_dir / name.replace("=", "_").replace(",", "+") / "metrics.json"
         losses = [(r["step"], r.get("loss")) for r in json.loads(metrics_file.read_text())["records"]] \
             if metrics_file.is_file() else []
-        row = {"variant": name, "target": target, "steps": int(rc.steps), "lr": float(rc.lr), "anchor": float(rc.loss.get("anchor", 0)),
+        row = {"variant": name, "target": target, "codes": codes, "steps": int(rc.steps), "lr": float(rc.lr), "anchor": float(rc.loss.get("anchor", 0)),
                "seconds": time.time() - start, "validation": validation, "loss_curve": losses[:: max(1, len(losses) // 20)],
-               **measure(refined)}
+               **measure(refined, codes_used)}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "loss_curve"}), flush=True)
     base = rows[0]

@@ -74,3 +74,24 @@ def test_ablation_script_compares_pca_and_refined_per_component_count(distilled_
     assert "GEM refined" in (out / "ablation.md").read_text()
     rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert rerun.returncode == 0 and "K=1: kept" in rerun.stdout  # finished counts are not redone
+
+
+def test_projecting_the_training_gaussians_gives_their_pca_coefficients(distilled_workdir):
+    """The novel-expression study projects Gaussians onto the basis; on the training data the
+    projection must return the PCA coefficients themselves (σ units), quaternion signs included."""
+    from gem_jax.eigen.model import GEM
+    from gem_jax.eigen.pca import MODALITIES, fit_modalities, read_collect
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import study_novel_expression
+
+    _, workdir = distilled_workdir
+    data = read_collect(workdir / "collect")
+    results = fit_modalities(data.matrices, {m: 2 for m in MODALITIES})
+    model = GEM.from_pca(results, data.colors, data.valid)
+    rows = {m: np.asarray(data.matrices[m]) for m in MODALITIES}
+    rows["rotation"] = -rows["rotation"]  # q and −q are one rotation: the projection aligns signs first
+    k = study_novel_expression.project(model, rows)
+    expected = np.concatenate([np.asarray(results[m].coeffs) for m in MODALITIES], 1)
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(k, expected, atol=2e-3)
