@@ -95,3 +95,37 @@ def test_fit_recovers_known_coefficients(distilled_workdir):
         assert err[m] < 0.05 * start[m], (m, err[m], start[m])
     assert np.all(np.abs(fit.k) <= 3.0)
     np.testing.assert_array_equal(fit.xi, 0.0)  # pose off: no correction
+
+
+def test_a_fit_step_moves_only_the_timesteps_its_images_show(distilled_workdir):
+    """Lazy Adam: a row of ``k`` absent from the batch keeps its value and its moments, so it
+    does not drift on the momentum of earlier batches."""
+    import jax
+
+    from gem_jax.eigen.fit import _fit_step
+
+    config, workdir = distilled_workdir
+    model, roots = load_model(workdir, "pca"), load_roots(workdir)
+    images = _cameras(workdir)
+    timesteps = np.unique(images.timesteps)
+    assert len(timesteps) >= 2
+    rng = np.random.default_rng(4)
+    params = {"k": jnp.asarray(rng.uniform(-1, 1, (len(timesteps), model.total_components)), jnp.float32),
+              "xi": jnp.zeros((len(timesteps), 6), jnp.float32)}
+    optimizer, step = _fit_step(images.width, images.height, 1 << 16, "auto", (0.3, 1.0, 0.0), False, 0.05)
+    opt_state = optimizer.init(params)
+    history = [jax.device_get(params)]
+    for t in timesteps[:2]:  # first a batch of timestep 0's images, then one of timestep 1's
+        pick = np.flatnonzero(images.timesteps == t)[:2]
+        row = int(np.searchsorted(timesteps, t))
+        params, opt_state, loss, overflow = step(
+            params, opt_state, model, jnp.full(len(pick), row, jnp.int32), jnp.asarray(roots[images.timesteps[pick]]),
+            jnp.asarray(images.viewmats[pick]), jnp.asarray(images.Ks[pick]),
+            jnp.asarray(images.composite(pick, (1.0, 1.0, 1.0))), jnp.ones((len(pick), 3)))
+        assert int(overflow) == 0 and np.isfinite(float(loss))
+        history.append(jax.device_get(params))
+    k0, k1, k2 = (np.asarray(h["k"]) for h in history)
+    assert np.abs(k1[0] - k0[0]).max() > 1e-3  # the first step moved timestep 0 ...
+    np.testing.assert_array_equal(k1[1:], k0[1:])  # ... and nothing else
+    np.testing.assert_array_equal(k2[0], k1[0])  # the second (timestep 1) left timestep 0 where it was
+    assert np.abs(k2[1] - k1[1]).max() > 1e-3
