@@ -113,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     f = c.fit = ml_collections.ConfigDict()
     f.steps = 300
     f.batch_size = 8  # images per step
-    f.lr = 0.05  # Adam on k (σ units)
+    f.lr = 0.15  # lazy Adam on k (σ units); 0.05 converged too slowly (README, Benchmark)
     f.pose = False  # also optimise a per-timestep rigid correction of the head pose
     f.prior = 1e-3  # weight of |k|² (keeps k near the training distribution)
     f.l1 = 0.3  # the refinement's photometric loss (no perceptual term in fitting)

@@ -41,7 +41,7 @@ def _default_eval() -> ml_collections.ConfigDict:
 
 
 def _default_fit() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"steps": 300, "batch_size": 8, "lr": 0.05, "pose": False, "prior": 1e-3,
+    return ml_collections.ConfigDict({"steps": 300, "batch_size": 8, "lr": 0.15, "pose": False, "prior": 1e-3,
                                       "l1": 0.3, "dssim": 1.0})
 
 
