@@ -51,10 +51,11 @@ from gem_jax.context import StageContext  # noqa: E402
 from gem_jax.data.images import load_images  # noqa: E402
 from gem_jax.eigen.evaluate import evaluate_gem  # noqa: E402
 from gem_jax.eigen.model import GEM, size_mb  # noqa: E402
-from gem_jax.eigen.pca import MODALITIES, fit_modalities, read_collect  # noqa: E402
+from gem_jax.eigen.pca import MODALITIES, read_collect  # noqa: E402
+from gem_jax.eigen.pca_stage import pca_gem  # noqa: E402
 from gem_jax.eigen.refine import refine_basis  # noqa: E402
 from gem_jax.eigen.render import frame_capacity, world_gaussians  # noqa: E402
-from gem_jax.eigen.workdir import Coefficients, load_roots  # noqa: E402
+from gem_jax.eigen.workdir import load_roots  # noqa: E402
 from gem_jax.render import rasterize  # noqa: E402
 from gem_jax.types import Camera  # noqa: E402
 
@@ -90,9 +91,7 @@ def split_metrics(evaluation: dict) -> dict:
 
 def ablate_one(ctx, rconfig, data, count: int, out: Path, backend: str, repeats: int, keep: str) -> dict:
     """PCA-only and refined GEM at ``count`` components per modality, evaluated (module docstring)."""
-    results = fit_modalities(data.matrices, {m: min(count, data.num_timesteps - 1) for m in MODALITIES})
-    model = GEM.from_pca(results, data.colors, data.valid)
-    coeffs = Coefficients(data.timesteps, np.concatenate([np.asarray(results[m].coeffs) for m in MODALITIES], 1))
+    model, coeffs, results = pca_gem(data, {m: min(count, data.num_timesteps - 1) for m in MODALITIES})
     row = {"components": count, "components_used": dict(model.num_components),
            "explained_variance": {m: float(np.sum(np.asarray(results[m].explained))) for m in MODALITIES},
            "mb_float32": size_mb(model), "mb_float16": size_mb(model, "float16")}

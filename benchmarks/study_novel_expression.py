@@ -35,7 +35,8 @@ from gem_jax.config_check import load_config_file  # noqa: E402
 from gem_jax.context import StageContext  # noqa: E402
 from gem_jax.eigen.evaluate import render_images  # noqa: E402
 from gem_jax.eigen.model import GEM, flatten_coeffs  # noqa: E402
-from gem_jax.eigen.pca import MODALITIES, fit_modalities, read_collect  # noqa: E402
+from gem_jax.eigen.pca import MODALITIES, read_collect  # noqa: E402
+from gem_jax.eigen.pca_stage import pca_gem  # noqa: E402
 from gem_jax.eigen.workdir import load_roots  # noqa: E402
 from gem_jax.evaluation import Protocol  # noqa: E402
 from gem_jax.metrics import psnr  # noqa: E402
@@ -80,8 +81,7 @@ def main(argv=None) -> int:
     teacher_eval = read_json(workdir / "teacher" / "eval.json", "teacher")["held_out_sequence"]
     rows = []
     for count in [int(x) for x in args.components.split(",")]:
-        results = fit_modalities(data.matrices, {m: min(count, data.num_timesteps - 1) for m in MODALITIES})
-        model = GEM.from_pca(results, data.colors, data.valid)
+        model = pca_gem(data, {m: min(count, data.num_timesteps - 1) for m in MODALITIES})[0]
         k = project(model, teacher_rows)
         pred = render_images(model, k[image_rows], roots[images.timesteps], images, (1.0, 1.0, 1.0))
         value = float(np.mean(np.asarray(psnr(jnp.asarray(np.clip(pred, 0, 1)), target))))

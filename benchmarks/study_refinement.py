@@ -48,7 +48,8 @@ from gem_jax.data.images import ImageSet, load_images  # noqa: E402
 from gem_jax.eigen.evaluate import render_images  # noqa: E402
 from gem_jax.eigen.fit import fit_coefficients  # noqa: E402
 from gem_jax.eigen.model import GEM  # noqa: E402
-from gem_jax.eigen.pca import MODALITIES, fit_modalities, read_collect  # noqa: E402
+from gem_jax.eigen.pca import MODALITIES, read_collect  # noqa: E402
+from gem_jax.eigen.pca_stage import pca_gem  # noqa: E402
 from gem_jax.eigen.refine import refine_basis  # noqa: E402
 from gem_jax.eigen.workdir import Coefficients, load_roots  # noqa: E402
 from gem_jax.metrics import psnr  # noqa: E402
@@ -136,9 +137,7 @@ def main(argv=None) -> int:
     count = min(args.components, data.num_timesteps - 1)
 
     def build(k_per_modality: int):
-        results = fit_modalities(data.matrices, {m: k_per_modality for m in MODALITIES})
-        model = GEM.from_pca(results, data.colors, data.valid)
-        return model, Coefficients(data.timesteps, np.concatenate([np.asarray(results[m].coeffs) for m in MODALITIES], 1))
+        return pca_gem(data, {m: k_per_modality for m in MODALITIES})[:2]
 
     white = (1.0, 1.0, 1.0)
     val = load_images(ctx.subject, "val", args.images)

@@ -18,6 +18,7 @@ excluded: it is static in the teacher and stays fixed per Gaussian), and writes 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -25,13 +26,22 @@ import numpy as np
 from gem_jax.atomic import write_npy, write_text
 from gem_jax.eigen.evaluate import evaluate_gem
 from gem_jax.eigen.model import GEM, size_mb
-from gem_jax.eigen.pca import MODALITIES, fit_modalities, read_collect, variance_report
-from gem_jax.eigen.workdir import MODEL_FILE
+from gem_jax.eigen.pca import MODALITIES, CollectData, fit_modalities, read_collect, variance_report
+from gem_jax.eigen.workdir import MODEL_FILE, Coefficients
 from gem_jax.loop import log
 
-__all__ = ["run"]
+__all__ = ["pca_gem", "run"]
 
 STAGE = "pca"
+
+
+def pca_gem(data: CollectData, components: Mapping[str, int], method: str = "auto") -> tuple[GEM, Coefficients, dict]:
+    """The PCA-only GEM of the collected Gaussians with ``components`` per modality, every
+    training timestep's coefficients (σ units) and the per-modality :class:`PCAResult` s."""
+    results = fit_modalities(data.matrices, dict(components), method=method)
+    model = GEM.from_pca(results, data.colors, data.valid)
+    coeffs = Coefficients(data.timesteps, np.concatenate([np.asarray(results[m].coeffs) for m in MODALITIES], 1))
+    return model, coeffs, results
 
 
 def run(ctx, pconfig) -> dict:
@@ -41,13 +51,11 @@ def run(ctx, pconfig) -> dict:
     start = time.time()
     data = read_collect(ctx.stage_dir("collect"))
     components = {m: int(pconfig.components[m]) for m in MODALITIES}
-    results = fit_modalities(data.matrices, components, method=str(pconfig.method))
-    model = GEM.from_pca(results, data.colors, data.valid)
+    model, coeffs, results = pca_gem(data, components, method=str(pconfig.method))
     report = variance_report(results)
-    coeffs = np.concatenate([np.asarray(results[m].coeffs) for m in MODALITIES], axis=1).astype(np.float32)
     if jax.process_index() == 0:
         model.save(out / MODEL_FILE, dtype=str(pconfig.dtype))
-        write_npy(out / "coeffs.npy", coeffs)
+        write_npy(out / "coeffs.npy", coeffs.k)
         write_npy(out / "timesteps.npy", data.timesteps.astype(np.int64))
         write_text(out / "report.txt", report + "\n")
         # Only process 0 wrote the file, so only it may read it back (a multi-host job races here).
