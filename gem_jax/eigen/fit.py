@@ -84,9 +84,9 @@ def _fit_step(width: int, height: int, capacity: int, backend: str, weights: tup
         updates, new_opt = optimizer.update(grads, opt_state, params)
         new = optax.apply_updates(params, updates)
         new = {**new, "k": jnp.clip(new["k"], -COEFF_LIMIT, COEFF_LIMIT)}
-        # Lazy Adam: only the timesteps in this batch move, and only their moments update. With
-        # one shared Adam over every timestep, rows absent from the batch kept drifting on stale
-        # momentum, which pulled them away from what their images say (README, Benchmark).
+        # Lazy Adam: only the timesteps in this batch move, and only their moments update; with
+        # plain Adam the rows absent from the batch kept moving on stale momentum
+        # (docs/decisions.md, "Lazy Adam in fitting").
         touched = jnp.zeros(params["k"].shape[0], bool).at[rows].set(True)
 
         def rowwise(new_leaf, old_leaf):
